@@ -1,0 +1,293 @@
+"""The `adaptserve` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from models import paths
+from models.strategies import AdaptConfig
+from pipelines.train import TrainConfig
+
+app = typer.Typer(
+    help="adaptserve: transfer-learned image classifiers that stay accurate in production.", no_args_is_help=True
+)
+data_app = typer.Typer(help="Datasets: export the embedded digits, make shifted target domains.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def _help(cls: type, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return str(f.metadata.get("help", ""))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def catalog() -> None:
+    """List the supported torchvision backbones."""
+    from models.catalog import CATALOG
+
+    table = Table("backbone", "weights", "feature dim", "stages", "input")
+    for spec in CATALOG.values():
+        table.add_row(
+            spec.name, str(spec.default_weights), str(spec.feature_dim), str(len(spec.stages)), "224 (ImageNet)"
+        )
+    console.print(table)
+
+
+@app.command()
+def pretrain(
+    out: Annotated[
+        Path | None, typer.Option(help="where to store the model [default: $ADAPTSERVE_HOME/models/digits-resnet18]")
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="catalog backbone to train from scratch")] = "resnet18",
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 6,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    force: Annotated[bool, typer.Option(help="rebuild even if the model exists")] = False,
+) -> None:
+    """Train the embedded source model on scikit-learn's bundled digits (no download)."""
+    from pipelines.adapt import pretrain as run
+
+    out = out or paths.default_model_dir()
+    if (out / "model.json").exists() and not force:
+        console.print(f"source model already at {out} (use --force to rebuild)")
+        return
+    with _progress() as progress:
+        path, meta = run(
+            out, backbone, TrainConfig(epochs=epochs, batch_size=32, patience=3, seed=seed), progress=progress
+        )
+    acc = meta["metrics"]["test"]["accuracy"]
+    console.print(f"source model [bold]{path}[/bold]: test accuracy {acc:.3f} in {meta['fit']['seconds']:.1f}s")
+
+
+def _target_data(data: Path | None, shift: str, severity: int, per_class: int, seed: int):
+    from pipelines.compare import CompareConfig, default_target
+    from pipelines.data import DataError, load_image_folder
+
+    if data is None:
+        return default_target(CompareConfig(shift=shift, severity=severity, per_class=per_class, seed=seed))
+    try:
+        target = load_image_folder(data, seed=seed)
+    except DataError as err:
+        _fail(str(err))
+    if target.train.skipped:
+        console.print(f"[yellow]skipped {len(target.train.skipped)} unreadable image(s)[/yellow]")
+    return target, None
+
+
+@app.command()
+def train(
+    strategy: Annotated[str, typer.Option(help=_help(AdaptConfig, "strategy"))] = "lora",
+    data: Annotated[
+        Path | None, typer.Option(help="target ImageFolder (train/val/test or one folder) [default: shifted digits]")
+    ] = None,
+    base: Annotated[Path | None, typer.Option(help="source model dir [default: the embedded digits model]")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output dir [default: $ADAPTSERVE_HOME/runs/<strategy>-<time>]")
+    ] = None,
+    shift: Annotated[str, typer.Option(help="default target only: shift name")] = "gaussian_noise",
+    severity: Annotated[int, typer.Option(help="default target only: severity 1..5")] = 5,
+    per_class: Annotated[int, typer.Option(help="default target only: labelled images per class")] = 5,
+    epochs: Annotated[int, typer.Option(help=_help(TrainConfig, "epochs"))] = 15,
+    batch_size: Annotated[int, typer.Option(help=_help(TrainConfig, "batch_size"))] = 32,
+    optimizer: Annotated[str, typer.Option(help=_help(TrainConfig, "optimizer"))] = "adamw",
+    schedule: Annotated[str, typer.Option(help=_help(TrainConfig, "schedule"))] = "cosine",
+    patience: Annotated[int, typer.Option(help=_help(TrainConfig, "patience"))] = 4,
+    label_smoothing: Annotated[float, typer.Option(help=_help(TrainConfig, "label_smoothing"))] = 0.0,
+    augment: Annotated[
+        str, typer.Option(help="preset (none, light, standard) or list of crop,rotate,flip,jitter")
+    ] = "light",
+    lr_head: Annotated[float, typer.Option(help=_help(AdaptConfig, "lr_head"))] = 1e-3,
+    lr_backbone_max: Annotated[float, typer.Option(help=_help(AdaptConfig, "lr_backbone_max"))] = 1e-4,
+    lr_backbone_min: Annotated[float, typer.Option(help=_help(AdaptConfig, "lr_backbone_min"))] = 1e-5,
+    freeze_stages: Annotated[int, typer.Option(help=_help(AdaptConfig, "freeze_stages"))] = 2,
+    full_unfreeze_epochs: Annotated[int, typer.Option(help=_help(AdaptConfig, "full_unfreeze_epochs"))] = 0,
+    unfreeze_every: Annotated[int, typer.Option(help=_help(AdaptConfig, "unfreeze_every"))] = 1,
+    lora_r: Annotated[int, typer.Option(help=_help(AdaptConfig, "lora_r"))] = 8,
+    lora_alpha: Annotated[int, typer.Option(help=_help(AdaptConfig, "lora_alpha"))] = 16,
+    lora_targets: Annotated[str, typer.Option(help=_help(AdaptConfig, "lora_targets"))] = "all",
+    lora_lr: Annotated[float, typer.Option(help=_help(AdaptConfig, "lora_lr"))] = 5e-3,
+    head_dropout: Annotated[float, typer.Option(help="dropout before the new head's linear layer")] = 0.0,
+    seed: Annotated[int, typer.Option(help=_help(TrainConfig, "seed"))] = 0,
+    device: Annotated[str, typer.Option(help=_help(TrainConfig, "device"))] = "auto",
+) -> None:
+    """Adapt a source model to a target domain with one strategy; save the artifact, metrics and confusion matrix."""
+    from pipelines.adapt import adapt_model
+
+    try:
+        adapt_cfg = AdaptConfig(
+            strategy=strategy,
+            lr_head=lr_head,
+            lr_backbone_max=lr_backbone_max,
+            lr_backbone_min=lr_backbone_min,
+            freeze_stages=freeze_stages,
+            full_unfreeze_epochs=full_unfreeze_epochs,
+            unfreeze_every=unfreeze_every,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            lora_lr=lora_lr,
+            head_dropout=head_dropout,
+        )
+        train_cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            schedule=schedule,
+            patience=patience,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            device=device,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    base = base or _ensure_default_model()
+    target, source = _target_data(data, shift, severity, per_class, seed)
+    out = out or paths.home() / "runs" / f"{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with _progress() as progress:
+        result = adapt_model(base, target, out, adapt_cfg, train_cfg, source, augment=augment, progress=progress)
+    console.print_json(json.dumps(result.summary()))
+
+
+def _ensure_default_model() -> Path:
+    path = paths.default_model_dir()
+    if not (path / "model.json").exists():
+        console.print(f"embedded source model missing: building it at {path} (about a minute)")
+        pretrain(out=path, backbone="resnet18", epochs=6, seed=0, force=False)
+    return path
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="model dir (model.json) or adapter dir (metadata.json)")],
+    data: Annotated[
+        Path | None, typer.Option(help="ImageFolder to evaluate on [default: the digits test split]")
+    ] = None,
+    base: Annotated[Path | None, typer.Option(help="base model dir, for an adapter [default: embedded model]")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+    confusion: Annotated[Path | None, typer.Option(help="write the confusion matrix PNG here")] = None,
+) -> None:
+    """Accuracy, macro precision/recall/F1 and per-class report of a model or adapter on a dataset."""
+    from pipelines.adapt import load_for_inference
+    from pipelines.data import DataError, digits_splits, load_image_folder
+    from pipelines.evaluate import evaluate as run
+    from pipelines.evaluate import save_confusion_png
+
+    net, meta, prep = load_for_inference(model, base or paths.default_model_dir())
+    try:
+        splits = load_image_folder(data) if data else digits_splits(32)
+    except DataError as err:
+        _fail(str(err))
+    dataset = getattr(splits, split).with_transform(prep.eval_transform())
+    if splits.classes != meta["classes"]:
+        _fail(f"data classes {splits.classes} differ from the model's {meta['classes']}")
+    metrics = run(net, dataset, splits.classes)
+    if confusion:
+        save_confusion_png(metrics, splits.classes, confusion)
+    console.print_json(json.dumps({**metrics.summary(), "per_class": metrics.per_class}))
+
+
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option(help="where compare.md / compare.json go")] = Path("benchmarks/results"),
+    base: Annotated[Path | None, typer.Option(help="source model dir [default: embedded digits model]")] = None,
+    shift: Annotated[str, typer.Option(help="target domain shift")] = "gaussian_noise",
+    severity: Annotated[int, typer.Option(help="shift severity 1..5")] = 5,
+    per_class: Annotated[int, typer.Option(help="labelled target images per class")] = 5,
+    epochs: Annotated[int, typer.Option(help="max epochs per strategy")] = 15,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    strategies: Annotated[str, typer.Option(help="comma list of strategies")] = ",".join(
+        ["feature-extraction", "finetune", "gradual-unfreeze", "lora", "scratch"]
+    ),
+) -> None:
+    """Run every strategy on the same source model and target data; write compare.md and compare.json."""
+    from models.artifacts import model_id, read_json
+    from pipelines.compare import CompareConfig, check_expectations, run_compare, write_report
+
+    cfg = CompareConfig(
+        shift=shift,
+        severity=severity,
+        per_class=per_class,
+        epochs=epochs,
+        seed=seed,
+        strategies=tuple(s.strip() for s in strategies.split(",")),
+    )
+    base = base or _ensure_default_model()
+    with _progress() as progress:
+        rows = run_compare(base, paths.home() / "compare", cfg, progress=progress)
+    md, js = write_report(rows, cfg, out, model_id(read_json(base / "model.json")))
+    console.print(Markdown(md.read_text()))
+    failed = [c for c in check_expectations(rows) if not c["ok"]]
+    console.print(
+        f"wrote {md} and {js}" + (f"; [yellow]{len(failed)} expectation(s) failed[/yellow]" if failed else "")
+    )
+
+
+@data_app.command("export-digits")
+def export_digits(
+    out: Annotated[Path, typer.Argument(help="destination ImageFolder root")],
+    size: Annotated[int, typer.Option(help="image side, px")] = 32,
+) -> None:
+    """Write the embedded digits source domain as ImageFolder train/val/test."""
+    from pipelines.data import digits_splits, write_image_folder
+
+    write_image_folder(digits_splits(size), out)
+    console.print(f"wrote digits to {out}")
+
+
+@data_app.command("make-shift")
+def make_shift(
+    src: Annotated[Path, typer.Argument(help="source ImageFolder (with or without train/val/test)")],
+    dst: Annotated[Path, typer.Argument(help="destination ImageFolder")],
+    shift: Annotated[
+        str, typer.Option(help="gaussian_noise, defocus_blur, contrast, brightness, rotation, invert")
+    ] = "gaussian_noise",
+    severity: Annotated[int, typer.Option(help="1..5")] = 3,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write a shifted copy of an ImageFolder (ImageNet-C style corruption)."""
+    from pipelines.data import SPLITS, DataError, scan_class_folder, write_image_folder
+    from pipelines.shifts import shift_set
+
+    try:
+        parts = [s for s in SPLITS if (src / s).is_dir()] or [""]
+        sets = {p: shift_set(scan_class_folder(src / p), shift, severity, seed + k) for k, p in enumerate(parts)}
+    except (DataError, ValueError) as err:
+        _fail(str(err))
+    write_image_folder(sets, dst)
+    console.print(f"wrote {sum(len(s) for s in sets.values())} images shifted by {shift}@{severity} to {dst}")
+
+
+@app.command()
+def serve(port: Annotated[int, typer.Option(help="HTTP port")] = 3000) -> None:
+    """Start the prediction service (builds the embedded default model first if missing)."""
+    path = _ensure_default_model()
+    console.print(
+        f"embedded default model ready at {path}. The HTTP service arrives with issue #3; nothing to serve yet."
+    )
+    raise typer.Exit(0)
