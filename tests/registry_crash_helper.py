@@ -1,0 +1,38 @@
+"""Child process for the registry crash-consistency tests.
+
+Runs one registry operation against a home directory. The parent sets ADAPTSERVE_REGISTRY_CRASH_AT so that the
+registry SIGKILLs this process at a chosen phase; without it the operation completes and the result is printed.
+
+Usage: python registry_crash_helper.py HOME register NAME SRC_DIR
+       python registry_crash_helper.py HOME {promote,delete} NAME VERSION
+       python registry_crash_helper.py HOME rollback NAME
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.registry import SQLiteRegistry  # noqa: E402 - needs the sys.path entry above
+
+
+def main(argv: list[str]) -> int:
+    home, op, name, *rest = argv
+    registry = SQLiteRegistry(home)
+    if op == "register":
+        print(registry.register(name, rest[0]).version)
+    elif op == "promote":
+        print(registry.promote(name, int(rest[0])).version)
+    elif op == "rollback":
+        print(registry.rollback(name).version)
+    elif op == "delete":
+        registry.delete(name, int(rest[0]))
+    else:
+        raise SystemExit(f"unknown op {op!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
