@@ -284,10 +284,120 @@ def make_shift(
 
 
 @app.command()
-def serve(port: Annotated[int, typer.Option(help="HTTP port")] = 3000) -> None:
+def serve(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(help="BentoML worker processes (all share the registry)")] = 1,
+    engine: Annotated[str, typer.Option(help="onnx or torch")] = "onnx",
+) -> None:
     """Start the prediction service (builds the embedded default model first if missing)."""
-    path = _ensure_default_model()
-    console.print(
-        f"embedded default model ready at {path}. The HTTP service arrives with issue #3; nothing to serve yet."
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
+    env = dict(
+        os.environ,
+        ADAPTSERVE_HOME=str(paths.home()),
+        ADAPTSERVE_BASE_MODEL=str(base),
+        ADAPTSERVE_ENGINE=engine,
+        ADAPTSERVE_WORKERS=str(workers),
     )
-    raise typer.Exit(0)
+    if not env.get("ADAPTSERVE_ADMIN_TOKEN"):
+        env["ADAPTSERVE_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
+        console.print(f"admin token (ADAPTSERVE_ADMIN_TOKEN was unset): [bold]{env['ADAPTSERVE_ADMIN_TOKEN']}[/bold]")
+    url = f"http://{host}:{port}"
+    console.print(
+        f"predict   POST {url}/predict\nadapters  GET  {url}/adapters\nmetrics   GET  {url}/metrics\n"
+        f"docs      {url}/docs\nstate     {paths.home()}"
+    )
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
+
+
+adapters_app = typer.Typer(
+    help="The adapter registry: list, register, promote, rollback, delete.", no_args_is_help=True
+)
+app.add_typer(adapters_app, name="adapters")
+
+
+def _registry():
+    from models.registry import open_registry
+
+    return open_registry(paths.home())
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Every adapter with its versions and champion."""
+    table = Table("adapter", "version", "champion", "created", "target acc")
+    for info in _registry().list_adapters():
+        for v in info.versions:
+            acc = ((v.metadata.get("metrics") or {}).get("target_test") or {}).get("accuracy")
+            table.add_row(
+                info.name,
+                str(v.version),
+                "*" if v.is_champion else "",
+                str(v.created_at),
+                "" if acc is None else f"{acc:.3f}",
+            )
+    console.print(table)
+
+
+@adapters_app.command("register")
+def adapters_register(
+    name: Annotated[str, typer.Argument(help="adapter name: [a-z0-9][a-z0-9-_]{0,63}")],
+    src: Annotated[
+        Path, typer.Argument(help="PEFT adapter dir (adapter_config.json, adapter_model.safetensors, metadata.json)")
+    ],
+    base: Annotated[Path | None, typer.Option(help="base model dir [default: embedded model]")] = None,
+    promote: Annotated[bool, typer.Option(help="make it the champion right away")] = False,
+) -> None:
+    """Check an adapter against the base, build its verified ONNX model, and register it as a new version."""
+    from models.artifacts import ArtifactError
+    from models.publish import publish
+    from models.registry import RegistryError
+
+    try:
+        v = publish(_registry(), name, src, base or _ensure_default_model(), promote)
+    except (ArtifactError, RegistryError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"registered {name} v{v.version}" + (" (champion)" if v.is_champion else ""))
+
+
+@adapters_app.command("promote")
+def adapters_promote(name: str, version: int) -> None:
+    """Make VERSION the champion of NAME (running services swap it in within a second)."""
+    from models.registry import RegistryError
+
+    try:
+        _registry().promote(name, version)
+    except RegistryError as err:
+        _fail(str(err))
+    console.print(f"{name}: champion is now v{version}")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(name: str) -> None:
+    """Make the previous champion of NAME the champion again."""
+    from models.registry import RegistryError
+
+    try:
+        v = _registry().rollback(name)
+    except RegistryError as err:
+        _fail(str(err))
+    console.print(f"{name}: rolled back to v{v.version}")
+
+
+@adapters_app.command("delete")
+def adapters_delete(name: str, version: int) -> None:
+    """Delete a version (never the champion)."""
+    from models.registry import RegistryError
+
+    try:
+        _registry().delete(name, version)
+    except RegistryError as err:
+        _fail(str(err))
+    console.print(f"deleted {name} v{version}")

@@ -1,0 +1,209 @@
+"""Inference engines: one forward pass per batch gives logits and embeddings for any mix of adapters.
+
+A key names what serves a row: `BASE` (the base model itself) or (adapter name, version).
+- `OnnxEngine`: one ONNX Runtime session per key, of the merged model, checked against torch at build time.
+  Sessions are thread-safe, so a new version is built beside the old one and swapped in by reference.
+- `TorchEngine`: one unmerged peft model holding every loaded adapter; a mixed batch runs one sub-batch per
+  adapter version. peft mutates shared state (set_adapter), so calls are serialised by a lock.
+Both keep at most `max_loaded` adapter versions (least recently used out first).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.artifacts import load_adapter_model, model_id, read_adapter_meta
+from models.classifier import Classifier
+from models.export import ONNX_FILE, export_onnx, session
+
+Key = tuple[str, int]
+BASE: Key = ("base", 0)
+
+
+class Engine(ABC):
+    name: str = "engine"
+
+    def __init__(self, base: Classifier, base_meta: dict[str, Any], max_loaded: int = 32) -> None:
+        self.base = base.eval()
+        self.base_meta = base_meta
+        self.size = int(base_meta["preprocessing"]["crop_size"])
+        self.max_loaded = max_loaded
+        self.evictions = 0
+        self._lock = threading.RLock()
+
+    @abstractmethod
+    def load(self, key: Key, adapter_dir: Path) -> None:
+        """Make `key` servable (slow: build/verify). Idempotent."""
+
+    @abstractmethod
+    def unload(self, key: Key) -> None: ...
+
+    @abstractmethod
+    def loaded(self) -> list[Key]: ...
+
+    @abstractmethod
+    def run(self, x: np.ndarray, keys: list[Key]) -> tuple[np.ndarray, np.ndarray]:
+        """x: (N, 3, H, W) float32 preprocessed; keys: one per row. Returns (logits, embeddings)."""
+
+    def _evict_beyond(self, keep: Key) -> list[Key]:
+        """Drop least recently used adapter versions until at most `max_loaded` remain (base excluded)."""
+        others = [k for k in self.loaded() if k not in (keep, BASE)]
+        gone = others[: max(0, len(others) + 1 - self.max_loaded)]
+        for k in gone:
+            self.unload(k)
+            self.evictions += 1
+        return gone
+
+
+def _groups(keys: list[Key]) -> dict[Key, np.ndarray]:
+    order: dict[Key, list[int]] = {}
+    for i, k in enumerate(keys):
+        order.setdefault(k, []).append(i)
+    return {k: np.asarray(v) for k, v in order.items()}
+
+
+class OnnxEngine(Engine):
+    name = "onnx"
+
+    def __init__(
+        self, base: Classifier, base_meta: dict[str, Any], cache_dir: Path, max_loaded: int = 32, threads: int = 0
+    ) -> None:
+        super().__init__(base, base_meta, max_loaded)
+        self.cache_dir = Path(cache_dir)
+        self.threads = threads or None
+        self._sessions: OrderedDict[Key, Any] = OrderedDict()
+        self._sessions[BASE] = self._build(BASE, None)
+
+    def _build(self, key: Key, adapter_dir: Path | None):
+        path = adapter_dir / ONNX_FILE if adapter_dir is not None else None
+        if path is None or not path.is_file():
+            path = self.cache_dir / f"{model_id(self.base_meta).replace('@', '-')}" / f"{key[0]}-v{key[1]}.onnx"
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                model = self.base if adapter_dir is None else self._torch_model(adapter_dir)
+                export_onnx(model, path, self.size)
+        return session(path, self.threads)
+
+    def _torch_model(self, adapter_dir: Path):
+        model, _ = load_adapter_model(adapter_dir, copy.deepcopy(self.base), self.base_meta)
+        return model
+
+    def load(self, key: Key, adapter_dir: Path) -> None:
+        with self._lock:
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
+                return
+        sess = self._build(key, adapter_dir)  # outside the lock: other versions keep serving meanwhile
+        with self._lock:
+            self._sessions[key] = sess
+            self._evict_beyond(key)
+
+    def unload(self, key: Key) -> None:
+        with self._lock:
+            self._sessions.pop(key, None)
+
+    def loaded(self) -> list[Key]:
+        return list(self._sessions)
+
+    def run(self, x: np.ndarray, keys: list[Key]) -> tuple[np.ndarray, np.ndarray]:
+        groups = _groups(keys)
+        with self._lock:
+            sessions = {k: self._sessions[k] for k in groups}  # KeyError: caller must load() first
+            for k in groups:
+                self._sessions.move_to_end(k)
+        if len(groups) == 1:
+            (key,) = groups
+            logits, emb = sessions[key].run(None, {"input": x})
+            return logits, emb
+        logits = emb = None
+        for key, idx in groups.items():
+            lg, em = sessions[key].run(None, {"input": np.ascontiguousarray(x[idx])})
+            if logits is None:
+                logits = np.empty((len(keys), lg.shape[1]), np.float32)
+                emb = np.empty((len(keys), em.shape[1]), np.float32)
+            logits[idx], emb[idx] = lg, em
+        return logits, emb
+
+
+def _adapter_name(key: Key) -> str:
+    return f"{key[0]}__v{key[1]}"
+
+
+class TorchEngine(Engine):
+    """peft, unmerged, mixed-adapter batches: the reference engine (and the benchmark's baseline)."""
+
+    name = "torch"
+
+    def __init__(
+        self, base: Classifier, base_meta: dict[str, Any], max_loaded: int = 32, device: str | None = None
+    ) -> None:
+        super().__init__(base, base_meta, max_loaded)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model: Any = self.base.to(self.device)
+        self._keys: OrderedDict[Key, None] = OrderedDict({BASE: None})
+        self._embedding: torch.Tensor | None = None
+        self.base.backbone.register_forward_hook(self._keep_embedding)
+
+    def _keep_embedding(self, module, inputs, output) -> None:
+        self._embedding = output
+
+    def load(self, key: Key, adapter_dir: Path) -> None:
+        from peft import PeftModel
+
+        with self._lock:
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                return
+            read_adapter_meta(adapter_dir)
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=_adapter_name(key), is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.base, str(adapter_dir), adapter_name=_adapter_name(key))
+            self.model.eval()
+            self._keys[key] = None
+            self._evict_beyond(key)
+
+    def unload(self, key: Key) -> None:
+        with self._lock:
+            if key in self._keys and key != BASE:
+                self.model.delete_adapter(_adapter_name(key))
+                del self._keys[key]
+
+    def loaded(self) -> list[Key]:
+        return list(self._keys)
+
+    def _forward(self, batch: torch.Tensor, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return self.model(batch), self._embedding
+        if key == BASE:
+            with self.model.disable_adapter():
+                return self.model(batch), self._embedding
+        self.model.set_adapter(_adapter_name(key))
+        return self.model(batch), self._embedding
+
+    @torch.inference_mode()
+    def run(self, x: np.ndarray, keys: list[Key]) -> tuple[np.ndarray, np.ndarray]:
+        """One forward per adapter version in the batch: peft's mixed-batch forward (`adapter_names=`) does
+        not cover the norm layers our adapters own, and set_adapter() mutates the model, hence the lock."""
+        batch = torch.from_numpy(x).to(self.device)
+        logits = emb = None
+        with self._lock:
+            for key, idx in _groups(keys).items():
+                if key not in self._keys:
+                    raise KeyError(key)
+                lg, em = self._forward(batch[torch.from_numpy(idx)] if len(idx) < len(keys) else batch, key)
+                if logits is None:
+                    logits = np.empty((len(keys), lg.shape[1]), np.float32)
+                    emb = np.empty((len(keys), em.shape[1]), np.float32)
+                logits[idx], emb[idx] = lg.float().cpu().numpy(), em.float().cpu().numpy()
+        return logits, emb

@@ -1,0 +1,189 @@
+"""The serving core, independent of the HTTP framework: champions, hot swap, batching, predictions.
+
+Hot swap: every worker polls the registry's generation counter (one SQL read). When it moves, the worker
+loads the new champion versions beside the old ones and then replaces its champion map in one
+assignment. A request resolves its adapter to a version once, at its start, so in-flight requests
+finish on the version they started with, and every response names the version that served it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.artifacts import load_model, model_id, preprocessing_of
+from models.registry import RegistryError, open_registry
+from service import metrics
+from service.config import ServiceConfig
+from service.engine import BASE, Engine, Key, OnnxEngine, TorchEngine
+
+log = logging.getLogger("adaptserve")
+
+
+class UnknownAdapterError(LookupError):
+    status = 404
+
+
+class OverloadedError(RuntimeError):
+    """The batcher shed this request: waiting would exceed ADAPTSERVE_MAX_LATENCY_MS."""
+
+    status = 503
+
+
+def _shed() -> None:
+    raise OverloadedError("server overloaded: the request would wait longer than ADAPTSERVE_MAX_LATENCY_MS")
+
+
+@dataclass
+class Swap:
+    adapter: str
+    old: int | None
+    new: int | None
+    seconds: float
+
+
+def make_engine(cfg: ServiceConfig, base, base_meta) -> Engine:
+    if cfg.engine == "torch":
+        return TorchEngine(base, base_meta, cfg.max_loaded)
+    return OnnxEngine(base, base_meta, cfg.home / "onnx-cache", cfg.max_loaded, cfg.threads)
+
+
+class Runtime:
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.registry = open_registry(cfg.home)
+        base, self.base_meta = load_model(cfg.base_model)
+        self.base_id = model_id(self.base_meta)
+        self.classes: list[str] = list(self.base_meta["classes"])
+        self.transform = preprocessing_of(self.base_meta).eval_transform()
+        self.engine = make_engine(cfg, base, self.base_meta)
+        self.champions: dict[str, int] = {}
+        self.generation = -1
+        self.last_error: dict[str, str] = {}
+        self._dispatch = None
+        self._dispatch_loop: asyncio.AbstractEventLoop | None = None
+        self.refresh()
+        metrics.ENGINE.labels(engine=self.engine.name).set(1)
+
+    # --- champions and hot swap -------------------------------------------------------------
+    def refresh(self) -> list[Swap]:
+        """Pick up registry changes; load new champions before publishing them. Cheap when nothing moved."""
+        gen = self.registry.generation()
+        if gen == self.generation:
+            return []
+        wanted = {i.name: i.champion for i in self.registry.list_adapters() if i.champion is not None}
+        champions, swaps = dict(self.champions), []
+        for name in [n for n in champions if n not in wanted]:
+            swaps.append(Swap(name, champions.pop(name), None, 0.0))
+        for name, version in wanted.items():
+            if champions.get(name) == version:
+                continue
+            start = time.perf_counter()
+            try:
+                self._load(name, version)
+            except Exception as err:  # a corrupt or mismatched adapter must not take serving down
+                self.last_error[name] = f"version {version} refused: {err}"
+                metrics.LOAD_FAILURES.labels(adapter=name).inc()
+                log.error("adapter %s v%s refused, champion stays v%s: %s", name, version, champions.get(name), err)
+                continue
+            swaps.append(Swap(name, champions.get(name), version, time.perf_counter() - start))
+            champions[name] = version
+        self.champions = champions  # one assignment: requests see the old map or the new one, never a mix
+        self.generation = gen
+        for s in swaps:
+            metrics.record_swap(s.adapter, s.new, s.seconds)
+        return swaps
+
+    def _load(self, name: str, version: int) -> None:
+        av = self.registry.verify(name, version)
+        self.engine.load((name, version), av.path)
+        metrics.ADAPTER_LOADS.labels(adapter=name).inc()
+
+    def resolve(self, adapter: str | None) -> Key:
+        if adapter is None or adapter == "base":
+            return BASE
+        version = self.champions.get(adapter)
+        if version is None:
+            self.refresh()  # registered or promoted a moment ago, before the next poll
+            version = self.champions.get(adapter)
+        if version is None:
+            raise UnknownAdapterError(self._unknown_message(adapter))
+        return (adapter, version)
+
+    def _unknown_message(self, adapter: str) -> str:
+        if adapter in self.last_error:
+            return f"adapter {adapter!r} has no loadable champion: {self.last_error[adapter]}"
+        try:
+            names = [i.name for i in self.registry.list_adapters()]
+        except RegistryError:
+            names = []
+        if adapter in names:
+            return f"adapter {adapter!r} has no champion yet; promote a version first"
+        known = ", ".join(["base", *sorted(self.champions)])
+        return f"unknown adapter {adapter!r}; serving: {known}"
+
+    # --- inference -------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return torch.stack([self.transform(im) for im in images]).numpy()
+
+    def run_jobs(self, jobs: Sequence[tuple[np.ndarray, Key]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One engine call for many requests (the adaptive batcher's callback)."""
+        sizes = [len(x) for x, _ in jobs]
+        keys = [k for (x, k) in jobs for _ in range(len(x))]
+        for k in set(keys) - set(self.engine.loaded()):
+            self._load(*k)  # evicted by the LRU since the request resolved it: load it back
+        x = jobs[0][0] if len(jobs) == 1 else np.concatenate([x for x, _ in jobs])
+        metrics.BATCH_SIZE.observe(len(keys))
+        logits, emb = self.engine.run(x, keys)
+        bounds = np.cumsum([0, *sizes])
+        return [(logits[a:b], emb[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    async def infer(self, x: np.ndarray, key: Key) -> tuple[np.ndarray, np.ndarray]:
+        """Through BentoML's adaptive batcher (CorkDispatcher, the one `batchable` APIs use), in process."""
+        loop = asyncio.get_running_loop()
+        if self._dispatch is None or self._dispatch_loop is not loop:  # the dispatcher binds to one event loop
+            from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+            self._dispatch_loop = loop
+            # A job is one request. Sizes count requests, not images: the dispatcher splits a job that does not
+            # fit the remaining batch room, and a (images, key) pair cannot be split by its generic containers.
+            dispatcher = CorkDispatcher(
+                max_latency_in_ms=self.cfg.max_latency_ms,
+                max_batch_size=self.cfg.max_batch,
+                fallback=_shed,
+                get_batch_size=lambda job: 1,
+            )
+            self._dispatch = dispatcher(self.run_jobs)
+        return await self._dispatch((x, key))
+
+    def format(self, logits: np.ndarray, key: Key, top_k: int) -> dict:
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1)[:, :top_k]
+        preds = []
+        for p, idx in zip(probs, order, strict=True):
+            top = [{"label": self.classes[i], "score": float(p[i])} for i in idx]
+            preds.append({"id": uuid.uuid4().hex, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        return {"predictions": preds, "adapter": key[0], "version": key[1]}
+
+    async def predict(self, images: Sequence[Image.Image], adapter: str | None, top_k: int = 1) -> dict:
+        if not 1 <= top_k <= len(self.classes):
+            raise ValueError(f"top_k must be between 1 and {len(self.classes)} (the number of classes), got {top_k}")
+        key = self.resolve(adapter)
+        start = time.perf_counter()
+        x = await asyncio.to_thread(self.preprocess, images)
+        logits, _emb = await self.infer(x, key)
+        result = self.format(logits, key, top_k)
+        metrics.observe_request(key, time.perf_counter() - start, [p["label"] for p in result["predictions"]])
+        return result

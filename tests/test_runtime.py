@@ -1,0 +1,86 @@
+"""The serving core: champions, hot swap, refusal of corrupt adapters, batching through the dispatcher."""
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.registry import open_registry
+from pipelines.data import digits_splits
+from service.config import ServiceConfig
+from service.runtime import Runtime, UnknownAdapterError
+
+
+@pytest.fixture
+def runtime(service_home: Path, source_model: Path) -> Runtime:
+    return Runtime(ServiceConfig(home=service_home, base_model=source_model))
+
+
+def _images(n: int = 4):
+    return digits_splits(32).test.images[:n]
+
+
+def test_requests_are_served_by_the_champion_and_name_it(runtime: Runtime) -> None:
+    result = asyncio.run(runtime.predict(_images(3), "site-a", top_k=3))
+    assert (result["adapter"], result["version"]) == ("site-a", 1)
+    assert len(result["predictions"]) == 3 and len({p["id"] for p in result["predictions"]}) == 3
+    top = result["predictions"][0]["top_k"]
+    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+    assert asyncio.run(runtime.predict(_images(1), None))["adapter"] == "base"
+
+
+def test_promote_from_another_process_is_picked_up_and_in_flight_keys_still_run(
+    runtime: Runtime, service_home: Path
+) -> None:
+    old_key = runtime.resolve("site-a")
+    open_registry(service_home).promote("site-a", 2)  # e.g. another worker or the CLI
+    swaps = runtime.refresh()
+    assert [(s.adapter, s.old, s.new) for s in swaps] == [("site-a", 1, 2)]
+    assert runtime.resolve("site-a") == ("site-a", 2)
+    x = runtime.preprocess(_images(2))
+    (old_logits, _), (new_logits, _) = runtime.run_jobs([(x, old_key), (x, ("site-a", 2))])
+    assert np.abs(old_logits - new_logits).max() > 1e-3  # the request that started on v1 finished on v1
+    assert runtime.refresh() == []  # nothing moved since: no work
+
+
+def test_a_corrupt_new_version_is_refused_and_the_champion_keeps_serving(runtime: Runtime, service_home: Path) -> None:
+    registry = open_registry(service_home)
+    weights = registry.path("site-a", 2) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    registry.promote("site-a", 2)
+    runtime.refresh()
+    assert runtime.resolve("site-a") == ("site-a", 1)
+    assert "version 2 refused" in runtime.last_error["site-a"]
+    assert asyncio.run(runtime.predict(_images(1), "site-a"))["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "adapter, message",
+    [("nope", "unknown adapter 'nope'; serving: base, site-a, site-b")],
+    ids=["unknown"],
+)
+def test_unknown_adapter_message(runtime: Runtime, adapter: str, message: str) -> None:
+    with pytest.raises(UnknownAdapterError) as err:
+        runtime.resolve(adapter)
+    assert str(err.value) == message
+
+
+def test_top_k_out_of_range_is_refused(runtime: Runtime) -> None:
+    with pytest.raises(ValueError, match=r"top_k must be between 1 and 10 \(the number of classes\), got 11"):
+        asyncio.run(runtime.predict(_images(1), "site-a", top_k=11))
+
+
+def test_concurrent_requests_are_batched_together(runtime: Runtime) -> None:
+    async def burst():
+        return await asyncio.gather(
+            *[runtime.predict(_images(1), ["site-a", "site-b", None][i % 3]) for i in range(24)]
+        )
+
+    results = asyncio.run(burst())
+    assert [r["adapter"] for r in results] == ["site-a", "site-b", "base"] * 8
+    from service import metrics
+
+    counts = [s for m in metrics.BATCH_SIZE.collect() for s in m.samples if s.name.endswith("_count")]
+    sums = [s for m in metrics.BATCH_SIZE.collect() for s in m.samples if s.name.endswith("_sum")]
+    assert sums[0].value / counts[0].value > 1  # more than one request per engine call on average
