@@ -1,0 +1,570 @@
+"""Prediction capture: one monitoring record per prediction, stored durably and off the request's hot path.
+
+Each record holds what the drift monitor compares with an adapter version's reference set: the penultimate-layer
+embedding from the same forward pass, the image statistics (STAT_NAMES), top-1 confidence, entropy and the
+predicted class, plus adapter, version, time and prediction id.
+
+* CaptureStore: one SQLite table in WAL mode, bounded per adapter (max_per_adapter newest rows, retention_s), so
+  a restart finds the recent windows where it left them. window() returns a ReferenceSet for DriftDetector.check.
+* AsyncCapture: the request thread only samples (deterministically by prediction id) and enqueues; a daemon
+  thread batches the inserts. submit() never blocks: when the bounded queue is full, records are dropped and
+  counted, because losing monitoring samples is better than slowing down or failing predictions.
+
+Embedding precision: stored as float16 by default. That halves the database (512-d: 1 KiB instead of 2 KiB per
+record, ~5 MB per 5000-record adapter) and the I/O of every window read, at a relative rounding error of at most
+2^-11 (~5e-4) per value; the drift tests work on PCA projections whose between-window differences are orders of
+magnitude larger, and penultimate-layer activations (post-ReLU pooled features, typically 0..~20) sit well inside
+float16's range. A record whose embedding does not fit float16 (|x| > 65504) is stored as float32 instead, so
+nothing ever turns into inf; pass embedding_dtype="float32" to store everything at full precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitoring.detectors import ReferenceSet
+from monitoring.image_stats import STAT_NAMES
+
+log = logging.getLogger(__name__)
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_DTYPE_CODES = {"float16": "f2", "float32": "f4"}
+_SCHEMA_VERSION = 1
+_COLUMNS = ("prediction_id, adapter, version, created_at, predicted, label, confidence, entropy, stats, emb_dtype, "
+            "embedding")
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class PredictionRecord:
+    """Monitoring features of one prediction (what DriftDetector compares), with its identity and time.
+
+    embedding: float32 (d,) penultimate-layer features from the same forward pass as the prediction;
+    stats: float64 (len(STAT_NAMES),) image statistics in STAT_NAMES order; confidence: top-1 probability;
+    entropy: of the predicted distribution in nats; predicted: class index; label: its class name.
+    """
+
+    prediction_id: str
+    adapter: str
+    version: int
+    created_at: float
+    embedding: np.ndarray
+    stats: np.ndarray
+    confidence: float
+    entropy: float
+    predicted: int
+    label: str
+
+    def __post_init__(self) -> None:
+        self.embedding = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
+        self.stats = np.asarray(self.stats, dtype=np.float64).reshape(-1)
+        if len(self.stats) != len(STAT_NAMES):
+            raise ValueError(f"stats must have {len(STAT_NAMES)} values in STAT_NAMES order {STAT_NAMES}, "
+                             f"got {len(self.stats)}; compute them with monitoring.image_stats.batch_image_stats.")
+
+
+def entropy_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 confidence, entropy in nats) per row of an (n, classes) probability array; a 1-d array is one row.
+
+    Returns two float64 (n,) arrays. Zero probabilities contribute 0 to the entropy (0 log 0 = 0).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    p = p.reshape(1, -1) if p.ndim == 1 else p
+    if p.ndim != 2 or p.shape[1] == 0:
+        raise ValueError(f"probs must be (n, classes) probabilities, got shape {np.shape(probs)}; "
+                         "apply softmax to the logits first.")
+    logp = np.log(np.where(p > 0.0, p, 1.0))  # log 1 = 0 where p == 0
+    entropy = -np.einsum("ij,ij->i", p, logp)
+    return p.max(axis=1), np.maximum(entropy, 0.0)
+
+
+def reference_from_arrays(embeddings: np.ndarray, stats: np.ndarray, probs: np.ndarray) -> ReferenceSet:
+    """An adapter version's ReferenceSet from its training/validation data, built when the version is registered.
+
+    The caller runs the model once over the data: embeddings (n, d) penultimate-layer features, probs (n, classes)
+    softmax outputs, stats (n, len(STAT_NAMES)) from batch_image_stats; confidence, entropy and the predicted
+    classes are derived here exactly as for served predictions, so reference and traffic are comparable.
+    """
+    confidence, entropy = entropy_and_confidence(probs)
+    classes = np.asarray(probs).reshape(len(confidence), -1).argmax(axis=1)
+    return ReferenceSet(embeddings, stats, confidence, entropy, classes)
+
+
+def make_records(
+    adapter: str,
+    version: int,
+    prediction_ids: Sequence[str],
+    embeddings: np.ndarray,
+    stats: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    created_at: float | None = None,
+) -> list[PredictionRecord]:
+    """PredictionRecords for one served batch: confidence, entropy and class are computed vectorised from probs."""
+    confidence, entropy = entropy_and_confidence(probs)
+    predicted = np.asarray(probs).reshape(len(confidence), -1).argmax(axis=1)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    stats = np.asarray(stats, dtype=np.float64)
+    if not len(prediction_ids) == len(embeddings) == len(stats) == len(confidence):
+        raise ValueError(f"got {len(prediction_ids)} ids, {len(embeddings)} embeddings, {len(stats)} stats rows and "
+                         f"{len(confidence)} probability rows; pass one of each per prediction.")
+    now = time.time() if created_at is None else created_at
+    return [
+        PredictionRecord(pid, adapter, int(version), now, embeddings[i], stats[i], float(confidence[i]),
+                         float(entropy[i]), int(predicted[i]), str(class_names[predicted[i]]))
+        for i, pid in enumerate(prediction_ids)
+    ]
+
+
+def _finite(r: PredictionRecord) -> bool:
+    return bool(np.isfinite(r.embedding).all() and np.isfinite(r.stats).all()
+                and np.isfinite(r.confidence) and np.isfinite(r.entropy))
+
+
+def keep_sample(prediction_id: str, sample_rate: float) -> bool:
+    """Deterministic sampling: the same prediction id is always kept or always skipped at a given rate.
+
+    blake2b, not Python's hash() (salted per process) nor crc32 (linear, so sequential ids sample unevenly).
+    """
+    if sample_rate >= 1.0:
+        return True
+    if sample_rate <= 0.0:
+        return False
+    digest = hashlib.blake2b(prediction_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < sample_rate * 18446744073709551616.0  # 2**64
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+
+class CaptureStore:
+    """Durable, bounded store of PredictionRecords: one SQLite table (WAL), thread-safe behind one lock.
+
+    Bounds, per adapter: at most max_per_adapter newest records (by created_at) and none older than retention_s.
+    Pruning is amortised: an adapter is trimmed when it exceeds max_per_adapter by prune_slack (10% by default),
+    so it holds at most max_per_adapter * (1 + prune_slack) rows between trims; records past retention are
+    deleted at most every retention_check_s during writes. prune() does both now.
+
+    Durability: WAL with synchronous=NORMAL. A committed batch survives a crash or kill of the process; a power
+    loss may lose the last few batches but never corrupts the database (monitoring data, not the registry).
+    Several processes may share the file (SQLite locking); each prunes on its own view of the counts.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_per_adapter: int = 5000,
+        retention_s: float = 7 * 86400,
+        *,
+        embedding_dtype: str = "float16",
+        prune_slack: float = 0.1,
+        retention_check_s: float | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        if max_per_adapter < 1 or retention_s <= 0 or prune_slack < 0:
+            raise ValueError(f"need max_per_adapter >= 1, retention_s > 0 and prune_slack >= 0, got "
+                             f"{max_per_adapter}, {retention_s} and {prune_slack}.")
+        if embedding_dtype not in _DTYPE_CODES:
+            raise ValueError(f"embedding_dtype must be one of {sorted(_DTYPE_CODES)}, got {embedding_dtype!r}.")
+        self.path = Path(path)
+        self.max_per_adapter = int(max_per_adapter)
+        self.retention_s = float(retention_s)
+        self.embedding_dtype = embedding_dtype
+        self._trim_at = self.max_per_adapter + max(1, int(self.max_per_adapter * prune_slack))
+        self._retention_check_s = min(60.0, self.retention_s / 10) if retention_check_s is None else retention_check_s
+        self._last_retention = 0.0
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._create_schema()
+        self._counts: dict[str, int] = dict(self._db.execute(
+            "SELECT adapter, COUNT(*) FROM records GROUP BY adapter").fetchall())
+
+    # --------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"CaptureStore({self.path}) is closed; open a new one.")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._db
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _create_schema(self) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS records ("
+                " seq INTEGER PRIMARY KEY,"
+                " prediction_id TEXT NOT NULL UNIQUE,"
+                " adapter TEXT NOT NULL,"
+                " version INTEGER NOT NULL,"
+                " created_at REAL NOT NULL,"
+                " predicted INTEGER NOT NULL,"
+                " label TEXT NOT NULL,"
+                " confidence REAL NOT NULL,"
+                " entropy REAL NOT NULL,"
+                " stats BLOB NOT NULL,"  # float64 x len(STAT_NAMES), STAT_NAMES order
+                " emb_dtype TEXT NOT NULL,"  # 'f2' or 'f4' (little-endian), see the module docstring
+                " embedding BLOB NOT NULL)"
+            )
+            conn.execute("CREATE INDEX IF NOT EXISTS records_by_adapter_time ON records (adapter, created_at)")
+            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _encode(self, r: PredictionRecord) -> tuple[Any, ...]:
+        code = _DTYPE_CODES[self.embedding_dtype]
+        if code == "f2" and r.embedding.size and float(np.abs(r.embedding).max()) > _FLOAT16_MAX:
+            code = "f4"  # would overflow to inf in float16
+        blob = r.embedding.astype("<" + code).tobytes()
+        return (r.prediction_id, r.adapter, int(r.version), float(r.created_at), int(r.predicted), str(r.label),
+                float(r.confidence), float(r.entropy), r.stats.astype("<f8").tobytes(), code, blob)
+
+    @staticmethod
+    def _embeddings(codes: Sequence[str], blobs: Sequence[bytes]) -> np.ndarray:
+        """(n, d) float32 from stored blobs; one frombuffer over the joined bytes when all share a dtype."""
+        if not blobs:
+            return np.zeros((0, 0), dtype=np.float32)
+        if len(set(codes)) == 1:
+            flat = np.frombuffer(b"".join(blobs), dtype="<" + codes[0]).astype(np.float32)
+            rows = [flat]
+            dims = {len(b) // int(codes[0][1]) for b in blobs}
+        else:
+            rows = [np.frombuffer(b, dtype="<" + c).astype(np.float32) for c, b in zip(codes, blobs, strict=True)]
+            dims = {len(r) for r in rows}
+        if len(dims) != 1:
+            raise ValueError(f"the selected records have embeddings of different sizes {sorted(dims)} (different "
+                             "model versions); pass version= to read one version's records.")
+        return (rows[0] if len(rows) == 1 else np.concatenate(rows)).reshape(len(blobs), dims.pop())
+
+    @staticmethod
+    def _decode(row: Sequence[Any]) -> PredictionRecord:
+        pid, adapter, version, created_at, predicted, label, confidence, entropy, stats, code, blob = row
+        return PredictionRecord(pid, adapter, version, created_at, np.frombuffer(blob, dtype="<" + code),
+                                np.frombuffer(stats, dtype="<f8"), confidence, entropy, predicted, label)
+
+    # ------------------------------------------------------------------------------------------ writes
+
+    def add_many(self, records: Iterable[PredictionRecord]) -> int:
+        """Insert records in one transaction; returns how many were new.
+
+        A known prediction_id is ignored (retries are idempotent); records with NaN/inf features are skipped.
+        """
+        by_adapter: dict[str, list[tuple[Any, ...]]] = {}
+        skipped = 0
+        for r in records:
+            if not _finite(r):
+                skipped += 1  # a NaN would make every window containing it unusable (ReferenceSet rejects it)
+                continue
+            by_adapter.setdefault(r.adapter, []).append(self._encode(r))
+        if skipped:
+            log.warning("capture: skipped %d records with NaN or inf features", skipped)
+        if not by_adapter:
+            return 0
+        inserted = 0
+        with self._transaction() as conn:
+            for adapter, rows in by_adapter.items():
+                cur = conn.executemany(f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                       rows)
+                self._counts[adapter] = self._counts.get(adapter, 0) + max(cur.rowcount, 0)
+                inserted += max(cur.rowcount, 0)
+                if self._counts[adapter] > self._trim_at:
+                    self._trim(conn, adapter)
+            now = time.time()
+            if now - self._last_retention >= self._retention_check_s:
+                self._expire(conn, now)
+        return inserted
+
+    def add(self, record: PredictionRecord) -> int:
+        return self.add_many([record])
+
+    def _trim(self, conn: sqlite3.Connection, adapter: str) -> None:
+        """Delete all but the newest max_per_adapter records of an adapter (index range scan + rowid deletes)."""
+        conn.execute(
+            "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE adapter = ? "
+            "ORDER BY created_at DESC, seq DESC LIMIT -1 OFFSET ?)", (adapter, self.max_per_adapter))
+        count = conn.execute("SELECT COUNT(*) FROM records WHERE adapter = ?", (adapter,)).fetchone()[0]
+        self._counts[adapter] = count
+
+    def _expire(self, conn: sqlite3.Connection, now: float) -> None:
+        cutoff = now - self.retention_s
+        for adapter in [row[0] for row in conn.execute("SELECT DISTINCT adapter FROM records")]:
+            deleted = conn.execute("DELETE FROM records WHERE adapter = ? AND created_at < ?", (adapter, cutoff))
+            if deleted.rowcount:
+                self._counts[adapter] = max(self._counts.get(adapter, 0) - deleted.rowcount, 0)
+        self._last_retention = now
+
+    def prune(self, now: float | None = None) -> int:
+        """Apply both bounds now (retention relative to `now`, default time.time()); returns rows deleted."""
+        with self._transaction() as conn:
+            before = conn.total_changes
+            self._expire(conn, time.time() if now is None else now)
+            for adapter in [row[0] for row in conn.execute("SELECT DISTINCT adapter FROM records")]:
+                self._trim(conn, adapter)
+            return conn.total_changes - before
+
+    # ------------------------------------------------------------------------------------------- reads
+
+    def _select(self, adapter: str, n: int, version: int | None, since: float | None) -> list[tuple[Any, ...]]:
+        where, args = ["adapter = ?"], [adapter]
+        if version is not None:
+            where.append("version = ?")
+            args.append(int(version))
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(float(since))
+        sql = (f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "
+               "ORDER BY created_at DESC, seq DESC LIMIT ?")
+        with self._lock:
+            rows = self._db.execute(sql, (*args, max(int(n), 0))).fetchall()
+        rows.reverse()  # oldest first
+        return rows
+
+    def window(self, adapter: str, n: int, version: int | None = None, since: float | None = None) -> ReferenceSet:
+        """The adapter's most recent n records (of one version, created at or after `since`) as a ReferenceSet,
+        oldest first: the `window` argument of DriftDetector.check. Fewer than n rows when fewer exist."""
+        return self._to_reference(self._select(adapter, n, version, since))
+
+    def window_records(
+        self, adapter: str, n: int, version: int | None = None, since: float | None = None
+    ) -> list[PredictionRecord]:
+        """Same selection as window(), as PredictionRecords (with prediction ids and times), oldest first."""
+        return [self._decode(row) for row in self._select(adapter, n, version, since)]
+
+    def _to_reference(self, rows: list[tuple[Any, ...]]) -> ReferenceSet:
+        n = len(rows)
+        if n == 0:
+            return ReferenceSet(np.zeros((0, 0), np.float32), np.zeros((0, len(STAT_NAMES))), np.zeros(0),
+                                np.zeros(0), np.zeros(0, np.int64))
+        columns = list(zip(*rows, strict=True))
+        stats = np.frombuffer(b"".join(columns[8]), dtype="<f8").reshape(n, -1)
+        return ReferenceSet(
+            embeddings=self._embeddings(columns[9], columns[10]),
+            stats=stats,
+            confidence=np.asarray(columns[6], dtype=np.float64),
+            entropy=np.asarray(columns[7], dtype=np.float64),
+            classes=np.asarray(columns[4], dtype=np.int64),
+        )
+
+    def get(self, prediction_id: str) -> PredictionRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE prediction_id = ?",
+                                   (prediction_id,)).fetchone()
+        return None if row is None else self._decode(row)
+
+    def count(self, adapter: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM records WHERE adapter = ?", (adapter,)).fetchone()[0]
+
+    def adapters(self) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT DISTINCT adapter FROM records ORDER BY adapter")]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> CaptureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------ async writer
+
+_FLUSH = object()  # queue sentinels: write what you have now / stop after writing
+_STOP = object()
+
+
+class AsyncCapture:
+    """Writes records to a CaptureStore from a daemon thread, so a request only pays for sampling and enqueueing.
+
+    submit() never blocks: records beyond max_queue pending ones are dropped and counted in `dropped`. The writer
+    takes whatever is queued, waits at most flush_interval_s for more (up to max_batch), and inserts the batch in
+    one transaction; a failed batch is logged and counted in `failed`, and the writer carries on.
+    Counters: `offered` (passed to submit), `submitted` (sampled in and queued), `dropped` (queue full),
+    `written` (inserted), `failed`. Call close() at shutdown: it writes what is queued, then stops the thread
+    (the store stays open; its owner closes it).
+    """
+
+    def __init__(
+        self,
+        store: CaptureStore,
+        sample_rate: float = 1.0,
+        max_queue: int = 10000,
+        flush_interval_s: float = 0.2,
+        max_batch: int = 1000,
+    ) -> None:
+        if not 0.0 <= sample_rate <= 1.0 or max_queue < 1 or flush_interval_s < 0 or max_batch < 1:
+            raise ValueError(f"need 0 <= sample_rate <= 1, max_queue >= 1, flush_interval_s >= 0 and max_batch >= 1, "
+                             f"got {sample_rate}, {max_queue}, {flush_interval_s} and {max_batch}.")
+        self.store = store
+        self.sample_rate = float(sample_rate)
+        self.flush_interval_s = float(flush_interval_s)
+        self.max_batch = int(max_batch)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._counter_lock = threading.Lock()
+        self._done = threading.Condition()
+        self.offered = self.submitted = self.dropped = self.written = self.failed = 0
+        self._processed = 0  # written + failed, as seen by flush()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="adaptserve-capture", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------ request side
+
+    def submit(self, records: PredictionRecord | Iterable[PredictionRecord]) -> int:
+        """Sample and enqueue records without ever blocking; returns how many were queued.
+
+        Cost per record: one blake2b of the id (skipped at sample_rate 1) and one put_nowait; a record that finds
+        the queue full (the writer is behind, e.g. a stalled disk) is dropped and counted.
+        """
+        if type(records) is PredictionRecord:
+            records = (records,)
+        elif not isinstance(records, list | tuple):
+            records = list(records)  # type: ignore[arg-type]
+        rate = self.sample_rate
+        kept = records if rate >= 1.0 else [r for r in records if keep_sample(r.prediction_id, rate)]
+        queued = dropped = 0
+        put = self._queue.put_nowait
+        # enqueue and count under one lock: flush() then knows that the first `submitted` records in the queue's
+        # FIFO order are exactly those submitted before it, whichever thread submitted them
+        with self._counter_lock:
+            self.offered += len(records)
+            if self._closed:
+                return 0
+            for record in kept:
+                try:
+                    put(record)
+                    queued += 1
+                except queue.Full:
+                    dropped += 1
+            self.submitted += queued
+            self.dropped += dropped
+        return queued
+
+    # -------------------------------------------------------------------------------------- writer side
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            first = get()
+            batch: list[PredictionRecord] = []
+            stop = self._collect(first, batch)
+            if batch:
+                self._write(batch)
+            if stop:
+                return
+
+    def _collect(self, item: Any, batch: list[PredictionRecord]) -> bool:
+        """Gather a batch starting with item; True when the stop sentinel was seen."""
+        deadline = time.monotonic() + self.flush_interval_s
+        while True:
+            if item is _STOP:
+                return True
+            if item is _FLUSH:
+                return False
+            batch.append(item)
+            if len(batch) >= self.max_batch:
+                return False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    return False
+
+    def _write(self, batch: list[PredictionRecord]) -> None:
+        try:
+            self.store.add_many(batch)
+            ok = True
+        except Exception:  # keep capturing: monitoring must not take the service down
+            log.exception("capture: writing %d records to %s failed; they are lost", len(batch), self.store.path)
+            ok = False
+        with self._done:
+            if ok:
+                self.written += len(batch)
+            else:
+                self.failed += len(batch)
+            self._processed += len(batch)
+            self._done.notify_all()
+
+    # ---------------------------------------------------------------------------------------- control
+
+    def pending(self) -> int:
+        """Records queued or being written."""
+        with self._counter_lock:
+            submitted = self.submitted
+        return submitted - self._processed
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every record submitted before this call is written (or failed); False on timeout."""
+        with self._counter_lock:
+            target = self.submitted
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._processed >= target:
+            return True
+        if not self._thread.is_alive():
+            return False
+        try:
+            self._queue.put(_FLUSH, timeout=timeout)  # wakes the writer out of its batching wait
+        except queue.Full:
+            return False
+        with self._done:
+            while self._processed < target:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._done.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Stop accepting records, write what is queued, stop the writer; True when everything was written."""
+        with self._counter_lock:
+            if self._closed:
+                return not self._thread.is_alive()
+            self._closed = True
+        flushed = self.flush(timeout)
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return flushed and not self._thread.is_alive()
+
+    def stats(self) -> dict[str, int]:
+        with self._counter_lock:
+            return {"offered": self.offered, "submitted": self.submitted, "dropped": self.dropped,
+                    "written": self.written, "failed": self.failed, "queued": self._queue.qsize()}
