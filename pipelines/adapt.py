@@ -18,6 +18,7 @@ from models.artifacts import (
 )
 from models.classifier import build_classifier
 from models.preprocessing import Preprocessing, parse_augment
+from models.samples import sample_path, save_image_set
 from models.strategies import AdaptConfig, adapt
 from pipelines.data import DataSplits, ImageSet, digits_splits
 from pipelines.evaluate import Metrics, evaluate, save_confusion_png
@@ -80,6 +81,9 @@ def pretrain(
         "fit": {"seconds": result.seconds, "best_epoch": result.best_epoch, "history": result.history},
     }
     path = save_model(adaptation.model.cpu(), meta, out)
+    save_image_set(sample_path(path, "reference"), data.val)  # drift reference of the base
+    save_image_set(sample_path(path, "replay"), data.train, limit=1000)  # replayed by re-fine-tuning
+    save_image_set(sample_path(path, "holdout"), data.test)  # every gate's forgetting check
     save_confusion_png(metrics, data.classes, path / "confusion.png", f"{path.name}: source test")
     return path, json.loads((path / "model.json").read_text())
 
@@ -134,6 +138,9 @@ def adapt_model(
         save_adapter(model.cpu(), meta, out)
     else:
         save_model(model.cpu(), {k: v for k, v in meta.items() if k not in ("num_classes", "base_model")}, out)
+    reference = ImageSet(target.train.images + target.val.images, target.train.labels + target.val.labels,
+                         target.classes)
+    save_image_set(sample_path(out, "reference"), reference, limit=500)  # publish() builds the drift reference
     save_confusion_png(target_metrics, target.classes, out / "confusion.png", f"{adapt_cfg.strategy}: target test")
     write_json(
         out / "metrics.json",
