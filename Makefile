@@ -22,6 +22,7 @@ serve: model
 	$(BIN)/adaptserve serve
 
 test: install
+	@.ci/system-deps || echo "warning: could not install chromium/prometheus: the browser and scrape tests will skip"
 	$(BIN)/ruff check models pipelines monitoring service tests
 	$(BIN)/python -m pytest
 

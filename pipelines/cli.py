@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -291,8 +292,8 @@ def serve(
     engine: Annotated[str, typer.Option(help="onnx or torch")] = "onnx",
 ) -> None:
     """Start the prediction service (builds the embedded default model first if missing)."""
-    import os
     import secrets
+    import signal
     import subprocess
     import sys
 
@@ -309,12 +310,100 @@ def serve(
         console.print(f"admin token (ADAPTSERVE_ADMIN_TOKEN was unset): [bold]{env['ADAPTSERVE_ADMIN_TOKEN']}[/bold]")
     url = f"http://{host}:{port}"
     console.print(
-        f"predict   POST {url}/predict\nadapters  GET  {url}/adapters\nmetrics   GET  {url}/metrics\n"
-        f"docs      {url}/docs\nstate     {paths.home()}"
+        f"predict   POST {url}/predict\ndashboard GET  {url}/dashboard\nmetrics   GET  {url}/metrics\n"
+        f"adapters  GET  {url}/adapters\ndocs      {url}/docs\nstate     {paths.home()}"
     )
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--host", host, "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
+    proc = subprocess.Popen(cmd, cwd=root, env=env)
+    # `kill <this pid>` must stop the server too (it stops the job runner it started on its way down)
+    signal.signal(signal.SIGTERM, lambda sig, _frame: proc.send_signal(sig))
+    signal.signal(signal.SIGINT, lambda sig, _frame: proc.send_signal(sig))
+    raise typer.Exit(proc.wait())
+
+
+@app.command()
+def demo(
+    url: Annotated[str | None, typer.Option(help="a running service; default: start one in a temp state dir")] = None,
+    token: Annotated[str | None, typer.Option(envvar="ADAPTSERVE_ADMIN_TOKEN", help="admin token of --url")] = None,
+    shift: Annotated[str, typer.Option(help="how the site's camera degrades")] = "gaussian_noise",
+    severity: Annotated[int, typer.Option(min=1, max=5, help="shift severity 1-5")] = 3,
+    feedback: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of predictions labelled")] = 0.5,
+    clean_requests: Annotated[int, typer.Option(help="requests of clean traffic first")] = 200,
+    out: Annotated[Path, typer.Option(help="where demo-report.html and demo-chart.png go")] = Path("."),
+    timeout: Annotated[float, typer.Option(help="give up on the shifted phase after this many seconds")] = 420.0,
+) -> None:
+    """The whole loop: clean traffic, a degrading camera, drift, a retrain job, promotion, recovery."""
+    from pipelines.demo import DemoConfig
+    from pipelines.demo import demo as run
+
+    if url and not token:
+        _fail("--url needs the service's admin token (--token or ADAPTSERVE_ADMIN_TOKEN) to register the adapter")
+    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
+    cfg = DemoConfig(shift=shift, severity=severity, feedback_fraction=feedback, clean_requests=clean_requests,
+                     timeout_s=timeout)
+    result = run(url, token, base, cfg, out, say=console.print)
+    result.pop("timeline")
+    console.print(f"report: {result['report']}  chart: {result['chart']}")
+    print(json.dumps(result))
+    if not result["promoted"]:
+        raise typer.Exit(1)
+
+
+from pipelines.jobs_cli import jobs_app, retrain_command, schedules_app  # noqa: E402 - light: no torch at import
+
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(schedules_app, name="schedules")
+app.command("retrain")(retrain_command)
+
+
+from pipelines import bench_drift, bench_retrain, bench_serve  # noqa: E402
+from pipelines.labels import data_add  # noqa: E402
+
+bench_app = typer.Typer(help="Benchmarks: results in benchmarks/results/, one JSON line last.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+bench_app.command("serve")(bench_serve.command)
+bench_app.command("drift")(bench_drift.command)
+bench_app.command("retrain")(bench_retrain.command)
+data_app.command("add")(data_add)
+
+
+bento_app = typer.Typer(help="Package the service as a Bento (BentoML's deployable unit).", no_args_is_help=True)
+app.add_typer(bento_app, name="bento")
+
+
+def import_base_to_bentoml(base: Path) -> str:
+    """Copy the base model dir into BentoML's model store as adaptserve-base (a new version only if it changed)."""
+    import shutil
+
+    import bentoml
+
+    from models.artifacts import read_json
+    from service.config import BENTO_MODEL
+
+    meta = read_json(base / "model.json")
+    try:
+        latest = bentoml.models.get(f"{BENTO_MODEL}:latest")
+        if latest.info.metadata.get("sha256") == meta.get("sha256"):
+            return str(latest.tag)
+    except bentoml.exceptions.NotFound:
+        pass
+    with bentoml.models.create(BENTO_MODEL, metadata={"sha256": meta.get("sha256"), "source": str(base)}) as m:
+        shutil.copytree(base, m.path, dirs_exist_ok=True)
+    return str(m.tag)
+
+
+@bento_app.command("build")
+def bento_build() -> None:
+    """Import the base model into BentoML's model store and run `bentoml build` (bentofile.yaml)."""
+    import subprocess
+    import sys
+
+    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
+    tag = import_base_to_bentoml(base)
+    console.print(f"base model in BentoML's store: {tag}")
+    root = Path(__file__).resolve().parent.parent
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml"], cwd=root))
 
 
 adapters_app = typer.Typer(
@@ -401,3 +490,7 @@ def adapters_delete(name: str, version: int) -> None:
     except RegistryError as err:
         _fail(str(err))
     console.print(f"deleted {name} v{version}")
+
+
+if __name__ == "__main__":
+    app()

@@ -39,6 +39,22 @@ class NameRequest(BaseModel):
     name: str = Field(description="adapter name")
 
 
+class AdapterRequest(BaseModel):
+    adapter: str = Field(description="adapter name")
+
+
+class ScheduleRequest(BaseModel):
+    adapter: str = Field(description="adapter name")
+    cron: str = Field(description="5-field cron expression, e.g. '0 3 * * *' (03:00 every day)")
+
+
+class FeedbackRequest(BaseModel):
+    label: str = Field(description="the true class name")
+    id: str | None = Field(default=None, description="prediction id from a /predict response")
+    image: str | None = Field(default=None, description="base64 image, for a label without a prior prediction")
+    adapter: str | None = Field(default=None, description="adapter the image belongs to (with `image`)")
+
+
 @bentoml.service(
     name="adaptserve",
     workers=int(os.environ.get("ADAPTSERVE_WORKERS", "1")),
@@ -48,6 +64,8 @@ class NameRequest(BaseModel):
 class AdaptServe:
     def __init__(self) -> None:
         # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode
+        from pipelines.jobs import JobStore, ScheduleStore
+        from pipelines.labels import LabelStore
         from service.config import ServiceConfig
         from service.decode import DecodeLimits
         from service.runtime import Runtime
@@ -55,22 +73,53 @@ class AdaptServe:
         self.cfg = ServiceConfig.from_env()
         self.limits = DecodeLimits.from_env()
         self.rt = Runtime(self.cfg)
+        self.labels = LabelStore(self.cfg.home)
+        self.jobs = JobStore(self.cfg.home)
+        self.schedules = ScheduleStore(self.cfg.home)
+        self.supervisor = None
 
     def __is_ready__(self) -> bool:
         return self.rt is not None
 
     @bentoml.on_startup
-    async def _start_polling(self) -> None:
+    async def _start_background(self) -> None:
         asyncio.get_running_loop().create_task(self._poll())
+        asyncio.get_running_loop().create_task(self._export_job_counts())
+        if self.rt.monitor is not None:
+            self.rt.monitor.start()  # scheduled drift checks, in one worker only (it takes a lock)
+        if self.cfg.job_runner:
+            from service.background import RunnerSupervisor
+
+            env = dict(os.environ, ADAPTSERVE_HOME=str(self.cfg.home), ADAPTSERVE_BASE_MODEL=str(self.cfg.base_model))
+            self.supervisor = RunnerSupervisor(self.cfg.home, env).start()
+
+    @bentoml.on_shutdown
+    def _stop_background(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.rt.close()
 
     async def _poll(self) -> None:
-        """Notice promotes/rollbacks made through any worker or the CLI within `poll_s` seconds."""
+        """Notice promotes/rollbacks made through any worker, the CLI or a retrain job within `poll_s` seconds."""
         while True:
             await asyncio.sleep(self.cfg.poll_s)
             try:
                 await asyncio.to_thread(self.rt.refresh)
             except Exception:  # keep polling: a transient database error must not stop hot swaps
                 log.exception("registry refresh failed")
+
+    async def _export_job_counts(self) -> None:
+        """Jobs run in the runner process; their counts reach Prometheus through the workers' /metrics."""
+        from service import metrics
+
+        while True:
+            try:
+                counts = await asyncio.to_thread(self.jobs.counts)
+                for (adapter, trigger, state), n in counts.items():
+                    metrics.RETRAIN_JOBS.labels(adapter=adapter, trigger=trigger, state=state).set(n)
+            except Exception:
+                log.exception("reading job counts failed")
+            await asyncio.sleep(5.0)
 
     async def _predict(self, images: list[Any], adapter: str | None, top_k: int) -> dict | JSONResponse:
         from service.decode import InputError, decode_images
@@ -204,6 +253,156 @@ class AdaptServe:
                 return publish(self.rt.registry, name, src, self.cfg.base_model, promote)
 
             return self._registry_call(run)
+
+    # --- labels and retraining --------------------------------------------------------------------
+    @api.post("/feedback", status_code=201)
+    async def feedback(self, body: FeedbackRequest) -> Any:
+        """Label a served prediction by its id, or send a labelled image for an adapter."""
+        return await asyncio.to_thread(self._feedback, body)
+
+    def _feedback(self, body: FeedbackRequest) -> Any:
+        from pipelines.labels import ExpiredPredictionError, LabelError
+        from service.decode import InputError, decode_images
+
+        if (body.id is None) == (body.image is None):
+            return error(400, "send either 'id' (a prediction id from /predict) or 'image' (base64) with 'adapter'")
+        if body.id is not None:
+            try:
+                adapter, _version, image = self.rt.lookup_input(body.id)
+            except LookupError as err:
+                return error(410 if isinstance(err, ExpiredPredictionError) else 404, str(err).strip("'\""))
+            source = f"feedback:{body.id}"
+        else:
+            if not body.adapter:
+                return error(400, "'adapter' is required with 'image': name the adapter this image belongs to")
+            if body.adapter not in {i.name for i in self.rt.registry.list_adapters()}:
+                return error(404, f"unknown adapter {body.adapter!r}")
+            try:
+                image = decode_images([body.image], self.limits)[0]
+            except InputError as err:
+                return error(err.status, str(err).replace("images[0]", "image"))
+            adapter, source = body.adapter, "upload"
+        try:
+            label_id = self.labels.add(adapter, image, body.label, self.rt.classes, source, prediction_id=body.id)
+        except LabelError as err:
+            return error(400, str(err))
+        return {"label_id": label_id, "adapter": adapter, "label": body.label, "labels": self.labels.count(adapter)}
+
+    @api.post("/retrain", status_code=202)
+    def retrain(self, body: AdapterRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
+        """Queue a retrain job for an adapter (the job runner process picks it up)."""
+        return self._unauthorized(authorization) or self._jobs_call(
+            lambda: {"job": self.jobs.submit(body.adapter, "manual", "POST /retrain").to_dict()}
+        )
+
+    @api.get("/jobs")
+    def list_jobs(self, adapter: str | None = None, state: str | None = None, limit: int = 100) -> Any:
+        return self._jobs_call(
+            lambda: {"jobs": [j.to_dict(include_log=False) for j in self.jobs.list(adapter, state, limit)]}
+        )
+
+    @api.get("/jobs/{job_id}")
+    def get_job(self, job_id: str) -> Any:
+        return self._jobs_call(lambda: self.jobs.get(job_id).to_dict())
+
+    @api.post("/schedules", status_code=201)
+    def add_schedule(self, body: ScheduleRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
+        """Retrain `adapter` on a cron schedule (kept across restarts; run by the job runner's scheduler)."""
+        return self._unauthorized(authorization) or self._jobs_call(
+            lambda: self.schedules.add(body.adapter, body.cron).to_dict()
+        )
+
+    @api.get("/schedules")
+    def list_schedules(self) -> Any:
+        return {"schedules": [s.to_dict() for s in self.schedules.list()]}
+
+    @api.delete("/schedules/{schedule_id}")
+    def delete_schedule(self, schedule_id: str, authorization: Annotated[str | None, Header()] = None) -> Any:
+        return self._unauthorized(authorization) or self._jobs_call(
+            lambda: {"deleted": self.schedules.delete(schedule_id).to_dict()}
+        )
+
+    def _jobs_call(self, fn) -> Any:
+        from pipelines import jobs
+
+        try:
+            return fn()
+        except (jobs.DuplicateJobError, jobs.DuplicateScheduleError) as err:
+            return error(409, str(err).strip("'\""))
+        except (jobs.UnknownAdapterJobError, LookupError) as err:
+            return error(404, str(err).strip("'\""))
+        except ValueError as err:
+            return error(400, str(err))
+
+    # --- drift ------------------------------------------------------------------------------------
+    def _monitor_call(self, fn) -> Any:
+        from monitoring.monitor import NotEnoughRecordsError, UnknownAdapterError
+
+        if self.rt.monitor is None:
+            return error(404, "drift monitoring is off (ADAPTSERVE_MONITOR=0)")
+        try:
+            return fn(self.rt.monitor)
+        except UnknownAdapterError as err:
+            return error(404, str(err).strip("'\""))
+        except NotEnoughRecordsError as err:
+            return error(409, str(err))
+
+    @api.get("/drift")
+    def drift(self, adapter: str) -> Any:
+        """The latest drift check of `adapter` (run on a schedule inside the service, or by POST /drift/check)."""
+
+        def latest(monitor) -> Any:
+            result = monitor.latest(adapter)
+            if result is None:
+                return error(404, f"no drift check has run for adapter {adapter!r} yet; POST /drift/check runs one")
+            return result
+
+        return self._monitor_call(latest)
+
+    @api.post("/drift/check")
+    async def drift_check(self, body: AdapterRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
+        """Run a drift check of `adapter` now and return its result."""
+        if denied := self._unauthorized(authorization):
+            return denied
+        return await asyncio.to_thread(self._monitor_call, lambda m: m.check(body.adapter))
+
+    @api.get("/drift/report")
+    def drift_report(self, adapter: str) -> Any:
+        """The latest Evidently report of `adapter` (HTML)."""
+        from starlette.responses import FileResponse
+
+        def report(monitor) -> Any:
+            path = monitor.report_path(adapter)
+            if path is None:
+                return error(
+                    404,
+                    f"no Evidently report for adapter {adapter!r} yet: one is written every "
+                    "ADAPTSERVE_REPORT_EVERY-th drift check",
+                )
+            return FileResponse(path, media_type="text/html")
+
+        return self._monitor_call(report)
+
+    @api.get("/dashboard")
+    def dashboard(self, refresh_s: int = 10) -> Any:
+        """Drift, confidence, classes, versions and retrain events per adapter; one offline HTML page that
+        refreshes itself from /dashboard/data every `refresh_s` seconds (0: never)."""
+        from starlette.responses import HTMLResponse
+
+        from monitoring.dashboard import jsonable, render_dashboard
+        from service.views import dashboard_data
+
+        if refresh_s < 0:
+            return error(400, f"refresh_s must be >= 0 (0 turns live refresh off), got {refresh_s}")
+        live = {"refresh_s": refresh_s, "data_url": "/dashboard/data"} if refresh_s else {}
+        return HTMLResponse(render_dashboard(jsonable(dashboard_data(self)), **live))
+
+    @api.get("/dashboard/data")
+    def dashboard_json(self) -> Any:
+        from monitoring.dashboard import jsonable
+        from service.views import dashboard_data
+
+        return jsonable(dashboard_data(self))
 
 
 AdaptServe.add_asgi_middleware(BodyLimitMiddleware)

@@ -26,6 +26,26 @@ def _int(name: str, default: int, low: int = 0) -> int:
     return value
 
 
+def _float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"{name}={value} must be >= 0")
+    return value
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name}={raw!r}: use 1 or 0")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     home: Path = field(metadata={"env": "ADAPTSERVE_HOME", "help": "state directory (registry, artifacts, captures)"})
@@ -49,6 +69,20 @@ class ServiceConfig:
     )
     poll_s: float = field(default=0.25, metadata={"env": "ADAPTSERVE_POLL_S", "help": "registry poll interval, s"})
     threads: int = field(default=0, metadata={"env": "ADAPTSERVE_THREADS", "help": "engine threads (0 = all cores)"})
+    monitor: bool = field(
+        default=True, metadata={"env": "ADAPTSERVE_MONITOR", "help": "capture predictions and check drift (1/0)"}
+    )
+    feedback_ttl_s: float = field(
+        default=3600.0,
+        metadata={"env": "ADAPTSERVE_FEEDBACK_TTL_S", "help": "how long inputs are kept for POST /feedback by id"},
+    )
+    feedback_max: int = field(
+        default=20000, metadata={"env": "ADAPTSERVE_FEEDBACK_MAX_ITEMS", "help": "most inputs kept for feedback"}
+    )
+    job_runner: bool = field(
+        default=True,
+        metadata={"env": "ADAPTSERVE_JOB_RUNNER", "help": "start the retrain job runner + scheduler process (1/0)"},
+    )
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -58,7 +92,7 @@ class ServiceConfig:
     def from_env(cls) -> ServiceConfig:
         return cls(
             home=paths.home(),
-            base_model=Path(_env("ADAPTSERVE_BASE_MODEL", str(paths.default_model_dir()))),
+            base_model=resolve_base_model(),
             engine=_env("ADAPTSERVE_ENGINE", "onnx"),
             admin_token=_env("ADAPTSERVE_ADMIN_TOKEN", ""),
             max_images=_int("ADAPTSERVE_MAX_IMAGES", 32, 1),
@@ -66,9 +100,34 @@ class ServiceConfig:
             max_batch=_int("ADAPTSERVE_MAX_BATCH", 32, 1),
             max_latency_ms=_int("ADAPTSERVE_MAX_LATENCY_MS", 10000, 1),
             max_loaded=_int("ADAPTSERVE_MAX_LOADED", 32, 1),
-            poll_s=float(_env("ADAPTSERVE_POLL_S", "0.25")),
+            poll_s=_float("ADAPTSERVE_POLL_S", 0.25),
             threads=_int("ADAPTSERVE_THREADS", 0, 0),
+            monitor=_bool("ADAPTSERVE_MONITOR", True),
+            feedback_ttl_s=_float("ADAPTSERVE_FEEDBACK_TTL_S", 3600.0),
+            feedback_max=_int("ADAPTSERVE_FEEDBACK_MAX_ITEMS", 20000, 0),
+            job_runner=_bool("ADAPTSERVE_JOB_RUNNER", True),
         )
+
+
+BENTO_MODEL = "adaptserve-base"
+
+
+def resolve_base_model() -> Path:
+    """ADAPTSERVE_BASE_MODEL, else the embedded default under ADAPTSERVE_HOME, else the model packed in the Bento."""
+    if os.environ.get("ADAPTSERVE_BASE_MODEL"):
+        return Path(os.environ["ADAPTSERVE_BASE_MODEL"])
+    default = paths.default_model_dir()
+    if (default / "model.json").is_file():
+        return default
+    try:
+        import bentoml
+
+        return Path(bentoml.models.get(f"{BENTO_MODEL}:latest").path)
+    except Exception:  # not in a Bento and never imported: say how to build it
+        raise ValueError(
+            f"no base model: {default} does not exist and BentoML's model store has no {BENTO_MODEL}; "
+            "run `adaptserve pretrain` or set ADAPTSERVE_BASE_MODEL to a model directory"
+        ) from None
 
 
 def reference_table() -> list[tuple[str, str, str]]:
@@ -76,5 +135,6 @@ def reference_table() -> list[tuple[str, str, str]]:
     rows = []
     for f in fields(ServiceConfig):
         default = "" if f.default is f.default_factory else str(f.default)  # type: ignore[comparison-overlap]
+        default = {"True": "1", "False": "0"}.get(default, default)
         rows.append((f.metadata["env"], default, f.metadata["help"]))
     return rows

@@ -3,6 +3,12 @@
 A key names what serves a row: `BASE` (the base model itself) or (adapter name, version).
 - `OnnxEngine`: one ONNX Runtime session per key, of the merged model, checked against torch at build time.
   Sessions are thread-safe, so a new version is built beside the old one and swapped in by reference.
+  A mixed batch runs each version's rows through its own session, one after the other: on CPU an image costs
+  about the same at batch 1 as at batch 32, so splitting a batch by adapter costs little. What does cost is
+  ONNX Runtime's default of spinning intra-op threads: every session owns a thread pool whose threads spin
+  after each run, and with several sessions taking turns (or decode and capture threads beside them) those
+  spins steal the cores the next session needs (measured on 2 cores, 2 threads, 8 sessions round-robin:
+  throughput halved). Sessions here block instead of spinning.
 - `TorchEngine`: one unmerged peft model holding every loaded adapter; a mixed batch runs one sub-batch per
   adapter version. peft mutates shared state (set_adapter), so calls are serialised by a lock.
 Both keep at most `max_loaded` adapter versions (least recently used out first).
@@ -22,7 +28,7 @@ import torch
 
 from models.artifacts import load_adapter_model, model_id, read_adapter_meta
 from models.classifier import Classifier
-from models.export import ONNX_FILE, export_onnx, session
+from models.export import ONNX_FILE, export_onnx, onnx_providers
 
 Key = tuple[str, int]
 BASE: Key = ("base", 0)
@@ -74,11 +80,18 @@ class OnnxEngine(Engine):
     name = "onnx"
 
     def __init__(
-        self, base: Classifier, base_meta: dict[str, Any], cache_dir: Path, max_loaded: int = 32, threads: int = 0
+        self,
+        base: Classifier,
+        base_meta: dict[str, Any],
+        cache_dir: Path,
+        max_loaded: int = 32,
+        threads: int = 0,
+        spin: bool = False,
     ) -> None:
         super().__init__(base, base_meta, max_loaded)
         self.cache_dir = Path(cache_dir)
         self.threads = threads or None
+        self.spin = spin
         self._sessions: OrderedDict[Key, Any] = OrderedDict()
         self._sessions[BASE] = self._build(BASE, None)
 
@@ -90,7 +103,7 @@ class OnnxEngine(Engine):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 model = self.base if adapter_dir is None else self._torch_model(adapter_dir)
                 export_onnx(model, path, self.size)
-        return session(path, self.threads)
+        return open_session(path, self.threads, self.spin)
 
     def _torch_model(self, adapter_dir: Path):
         model, _ = load_adapter_model(adapter_dir, copy.deepcopy(self.base), self.base_meta)
@@ -131,6 +144,20 @@ class OnnxEngine(Engine):
                 emb = np.empty((len(keys), em.shape[1]), np.float32)
             logits[idx], emb[idx] = lg, em
         return logits, emb
+
+
+def open_session(path: Path, threads: int | None, spin: bool = False):
+    """An inference session: all graph optimisations, `threads` intra-op threads (None: ONNX Runtime's default,
+    one per physical core), sequential execution, and threads that block rather than spin when idle."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(str(path), options, providers=onnx_providers())
 
 
 def _adapter_name(key: Key) -> str:

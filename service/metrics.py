@@ -44,3 +44,9 @@ def observe_request(key: tuple[str, int], seconds: float, labels: list[str]) -> 
     LATENCY.labels(adapter=adapter, version=version).observe(seconds)
     for label in labels:
         PREDICTIONS.labels(adapter=adapter, version=version, label=label).inc()
+RETRAIN_JOBS = Gauge(
+    "adaptserve_retrain_jobs",
+    "Retrain jobs by adapter, trigger (manual/schedule/drift) and state (queued/running/succeeded/rejected/failed)",
+    ["adapter", "trigger", "state"],
+    multiprocess_mode="mostrecent",
+)

@@ -72,8 +72,42 @@ class Runtime:
         self.last_error: dict[str, str] = {}
         self._dispatch = None
         self._dispatch_loop: asyncio.AbstractEventLoop | None = None
+        self.monitor = self._make_monitor() if cfg.monitor else None
+        self.inputs, self._offpath = self._make_input_cache()
         self.refresh()
         metrics.ENGINE.labels(engine=self.engine.name).set(1)
+
+    def _make_monitor(self):
+        from monitoring.monitor import DriftMonitor, MonitorConfig
+
+        return DriftMonitor(self.cfg.home, self.registry, self.cfg.base_model, MonitorConfig.from_env())
+
+    def _make_input_cache(self):
+        """Recent inputs by prediction id, so POST /feedback can label a prediction; written off the hot path."""
+        if not self.cfg.feedback_max:
+            return None, None
+        from pipelines.labels import InputCache
+        from service.background import OffPath
+
+        cache = InputCache(self.cfg.home, ttl_s=self.cfg.feedback_ttl_s, max_items=self.cfg.feedback_max)
+        return cache, OffPath("feedback-inputs")
+
+    def lookup_input(self, prediction_id: str):
+        """(adapter, version, image) of a recent prediction; waits for its off-path write when it is still queued."""
+        if self.inputs is None:
+            raise LookupError("feedback by prediction id is off (ADAPTSERVE_FEEDBACK_MAX_ITEMS=0); send the image")
+        try:
+            return self.inputs.get(prediction_id)
+        except LookupError:
+            if not self._offpath.flush(timeout=5.0):  # feedback right after its prediction: let the write land
+                raise
+            return self.inputs.get(prediction_id)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        if self._offpath is not None:
+            self._offpath.close()
 
     # --- champions and hot swap -------------------------------------------------------------
     def refresh(self) -> list[Swap]:
@@ -166,10 +200,12 @@ class Runtime:
             self._dispatch = dispatcher(self.run_jobs)
         return await self._dispatch((x, key))
 
-    def format(self, logits: np.ndarray, key: Key, top_k: int) -> dict:
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
+    @staticmethod
+    def softmax(logits: np.ndarray) -> np.ndarray:
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def format(self, probs: np.ndarray, key: Key, top_k: int) -> dict:
         order = np.argsort(-probs, axis=1)[:, :top_k]
         preds = []
         for p, idx in zip(probs, order, strict=True):
@@ -183,7 +219,17 @@ class Runtime:
         key = self.resolve(adapter)
         start = time.perf_counter()
         x = await asyncio.to_thread(self.preprocess, images)
-        logits, _emb = await self.infer(x, key)
-        result = self.format(logits, key, top_k)
+        logits, emb = await self.infer(x, key)
+        probs = self.softmax(logits)
+        result = self.format(probs, key, top_k)
         metrics.observe_request(key, time.perf_counter() - start, [p["label"] for p in result["predictions"]])
+        self.capture(key, [p["id"] for p in result["predictions"]], images, probs, emb)
         return result
+
+    def capture(self, key: Key, ids: list[str], images: Sequence[Image.Image], probs: np.ndarray, emb) -> None:
+        """Hand the prediction to the monitor and the feedback cache; both do their work on their own threads."""
+        if self.monitor is not None:
+            self.monitor.record(key[0], key[1], ids, list(images), probs, emb)
+        if self.inputs is not None:
+            inputs, images = self.inputs, list(images)
+            self._offpath.submit(lambda: inputs.put_many(key[0], key[1], ids, images))

@@ -25,6 +25,8 @@ def source_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipelines.adapt import pretrain
     from pipelines.train import TrainConfig
 
+    if os.environ.get("ADAPTSERVE_TEST_SOURCE_MODEL"):  # local iteration: reuse a model `adaptserve pretrain` built
+        return Path(os.environ["ADAPTSERVE_TEST_SOURCE_MODEL"])
     out = tmp_path_factory.mktemp("source") / "digits-resnet18"
     pretrain(out, "resnet18", TrainConfig(epochs=6, batch_size=32, patience=3, seed=0))
     return out

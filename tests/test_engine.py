@@ -59,3 +59,14 @@ def test_export_refuses_a_graph_that_does_not_match(source_model: Path, tmp_path
     with pytest.raises(ExportError, match=r"ONNX logits differ from torch by 1\.\d+e-02"):
         verify(other, session(tmp_path / "m.onnx"), 32)
     assert verify(model, session(tmp_path / "m.onnx"), 32) <= 1e-4
+
+
+def test_onnx_sessions_block_instead_of_spinning_by_default(source_model: Path, tmp_path: Path) -> None:
+    """Idle intra-op threads that spin steal the cores of the next session in a mixed batch (engine.py)."""
+    base, meta = load_model(source_model)
+    engine = OnnxEngine(base, meta, tmp_path / "onnx-cache", threads=1)
+    options = engine._sessions[BASE].get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 1
+    logits, emb = engine.run(np.zeros((2, 3, 32, 32), np.float32), [BASE, BASE])
+    assert logits.shape == (2, 10) and emb.shape == (2, 512)

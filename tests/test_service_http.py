@@ -22,6 +22,10 @@ def client(service_home: Path, source_model: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKEN", TOKEN)
     monkeypatch.setenv("ADAPTSERVE_MAX_BODY_BYTES", str(2 * 2**20))
     monkeypatch.setenv("ADAPTSERVE_MAX_IMAGES", "8")
+    monkeypatch.setenv("ADAPTSERVE_JOB_RUNNER", "0")  # tests/test_jobs.py covers the runner
+    monkeypatch.setenv("ADAPTSERVE_DRIFT_INTERVAL_S", "0")  # checks on demand only
+    monkeypatch.setenv("ADAPTSERVE_DRIFT_MIN_RECORDS", "20")
+    monkeypatch.setenv("ADAPTSERVE_REPORT_EVERY", "0")
     with TestClient(_asgi_app()) as c:  # lifespan start creates the service from this test's environment
         yield c
 
@@ -202,3 +206,104 @@ def test_health_and_metrics(client: TestClient) -> None:
     assert 'adaptserve_requests_total{adapter="site-a",status="ok",version="1"}' in text
     assert "adaptserve_request_latency_seconds_bucket" in text
     assert 'adaptserve_engine_info{engine="onnx"} 1.0' in text
+
+
+def _predict_ids(client: TestClient, n: int, adapter: str = "site-a") -> list[str]:
+    images = digits_splits(32).test.images
+    ids = []
+    for i in range(0, n, 8):
+        body = {"images": [_png(im) for im in images[i : min(i + 8, n)]], "adapter": adapter}
+        ids += [p["id"] for p in client.post("/predict", json=body).json()["predictions"]]
+    return ids
+
+
+def _eventually(fn, timeout: float = 15.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def test_feedback_labels_a_prediction_by_id_or_an_uploaded_image(client: TestClient) -> None:
+    pid = _predict_ids(client, 1)[0]
+    r = _eventually(lambda: (r := client.post("/feedback", json={"id": pid, "label": "3"})).status_code == 201 and r)
+    assert r and r.json()["adapter"] == "site-a" and r.json()["labels"] == 1, r
+    r = client.post("/feedback", json={"image": _png(), "label": "7", "adapter": "site-b"})
+    assert r.status_code == 201 and r.json()["labels"] == 1, r.text
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"id": "nope", "label": "3"}, 404, "nope"),
+        ({"image": "PNG", "label": "ten", "adapter": "site-a"}, 400, "ten"),
+        ({"image": "PNG", "label": "3", "adapter": "site-x"}, 404, "unknown adapter 'site-x'"),
+        ({"image": "PNG", "label": "3"}, 400, "'adapter' is required with 'image'"),
+        ({"image": "!!", "label": "3", "adapter": "site-a"}, 400, "image: invalid base64"),
+        ({"label": "3"}, 400, "send either 'id'"),
+    ],
+    ids=["unknown-id", "unknown-label", "unknown-adapter", "no-adapter", "bad-image", "neither"],
+)
+def test_feedback_refuses_bad_input(client: TestClient, body: dict, status: int, message: str) -> None:
+    body = {k: (_png() if v == "PNG" else v) for k, v in body.items()}
+    r = client.post("/feedback", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_retrain_jobs_and_schedules_routes(client: TestClient) -> None:
+    assert client.post("/retrain", json={"adapter": "site-a"}).status_code == 401
+    r = client.post("/retrain", json={"adapter": "site-a"}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    assert (job["adapter"], job["state"], job["trigger"]) == ("site-a", "queued", "manual")
+    again = client.post("/retrain", json={"adapter": "site-a"}, headers=AUTH)
+    assert again.status_code == 409 and job["id"] in again.json()["error"]
+    assert client.post("/retrain", json={"adapter": "nope"}, headers=AUTH).status_code == 404
+    assert [j["id"] for j in client.get("/jobs").json()["jobs"]] == [job["id"]]
+    assert client.get(f"/jobs/{job['id']}").json()["state"] == "queued"
+    assert client.get("/jobs/unknown").status_code == 404
+
+    bad = client.post("/schedules", json={"adapter": "site-a", "cron": "every day"}, headers=AUTH)
+    assert bad.status_code == 400 and "invalid cron expression 'every day'" in bad.json()["error"]
+    r = client.post("/schedules", json={"adapter": "site-a", "cron": "0 3 * * *"}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert [s["cron"] for s in client.get("/schedules").json()["schedules"]] == ["0 3 * * *"]
+    assert client.delete(f"/schedules/{sid}").status_code == 401
+    assert client.delete(f"/schedules/{sid}", headers=AUTH).status_code == 200
+    assert client.get("/schedules").json()["schedules"] == []
+    assert client.delete(f"/schedules/{sid}", headers=AUTH).status_code == 404
+
+
+def test_drift_check_report_and_dashboard(client: TestClient) -> None:
+    assert client.get("/drift", params={"adapter": "site-a"}).status_code == 404
+    r = client.post("/drift/check", json={"adapter": "site-a"}, headers=AUTH)
+    assert r.status_code == 409 and "ADAPTSERVE_DRIFT_MIN_RECORDS" in r.json()["error"]
+    _predict_ids(client, 48)
+
+    def check():
+        r = client.post("/drift/check", json={"adapter": "site-a"}, headers=AUTH)
+        return r if r.status_code == 200 else None
+
+    r = _eventually(check)
+    assert r is not None
+    result = r.json()
+    assert result["adapter"] == "site-a" and result["version"] == 1 and result["window_size"] >= 20
+    assert {"embedding", "confidence", "predicted_class"} <= set(result["features"])
+    assert client.get("/drift", params={"adapter": "site-a"}).json()["checked_at"] == result["checked_at"]
+    assert client.get("/drift", params={"adapter": "nope"}).status_code == 404
+    assert client.get("/drift/report", params={"adapter": "site-a"}).status_code == 404  # REPORT_EVERY=0
+
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "site-a" in page.text and "/dashboard/data" in page.text
+    data = client.get("/dashboard/data").json()
+    site_a = next(a for a in data["adapters"] if a["name"] == "site-a")
+    assert len(site_a["history"]) == 1 and site_a["status"]["checked_at"] == result["checked_at"]
+    assert sum(site_a["class_counts"].values()) == site_a["records"] >= 20
+    assert client.get("/dashboard", params={"refresh_s": -1}).status_code == 400

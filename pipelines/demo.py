@@ -1,0 +1,365 @@
+"""`adaptserve demo`: the whole loop against a live service, from clean traffic to a recovered adapter.
+
+A site adapter is trained on clean digits and registered; clean traffic flows; then the site's camera degrades
+(a shift) and a fraction of predictions get feedback labels. Nothing else is driven by the demo: the service's
+drift monitor flags the shift, the job runner's drift policy starts a retrain job, the gate promotes the
+challenger and every worker hot-swaps it. The demo watches, prints a timeline, and writes demo-report.html and
+a PNG chart (accuracy and drift score over requests, with drift / job / promotion markers).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The service settings the demo starts its own service with: a drift check every few seconds over a short
+# window, and a drift-triggered retrain as soon as enough labels arrived. A production service keeps the slower
+# defaults (see the README's configuration reference).
+DEMO_ENV = {
+    "ADAPTSERVE_DRIFT_INTERVAL_S": "3",
+    "ADAPTSERVE_DRIFT_WINDOW": "150",
+    "ADAPTSERVE_REPORT_EVERY": "0",
+    "ADAPTSERVE_RETRAIN_MIN_LABELS": "120",
+    "ADAPTSERVE_RETRAIN_COOLDOWN_S": "600",
+}
+
+
+@dataclass
+class Event:
+    request: int
+    at: float
+    kind: str  # drift | job | promote | rejected | failed | phase
+    text: str
+
+
+@dataclass
+class Timeline:
+    correct: list[int] = field(default_factory=list)  # 1/0 per image, in request order
+    versions: list[int] = field(default_factory=list)
+    phase: list[str] = field(default_factory=list)
+    drift: list[tuple[int, float]] = field(default_factory=list)  # (request, score)
+    events: list[Event] = field(default_factory=list)
+    start: float = field(default_factory=time.monotonic)
+
+    def add(self, kind: str, text: str, say: Callable[[str], None]) -> None:
+        e = Event(len(self.correct), time.monotonic() - self.start, kind, text)
+        self.events.append(e)
+        say(f"[{e.at:6.1f}s] request {e.request:5d}  {kind:8s} {text}")
+
+    def accuracy(self, phase: str, since: int = 0) -> float | None:
+        pairs = enumerate(zip(self.correct, self.phase, strict=True))
+        picked = [c for i, (c, p) in pairs if p == phase and i >= since]
+        return float(np.mean(picked)) if picked else None
+
+
+class Client:
+    def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def get(self, path: str, **params: Any) -> Any:
+        r = self.http.get(path, params=params)
+        return r.json() if r.status_code == 200 else None
+
+    def post(self, path: str, body: dict, admin: bool = False) -> Any:
+        r = self.http.post(path, json=body, headers=self.auth if admin else {})
+        if r.status_code >= 400:
+            raise RuntimeError(f"POST {path} -> {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def register(self, name: str, adapter_dir: Path) -> dict:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            tar.add(adapter_dir, arcname="adapter")
+        r = self.http.post(
+            "/adapters/register",
+            params={"name": name, "promote": "true"},
+            files={"archive": ("adapter.tar.gz", buf.getvalue())},
+            headers=self.auth,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"register {name} -> {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+
+def _b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(home: Path, base: Path, port: int, token: str, extra_env: dict[str, str]) -> subprocess.Popen:
+    env = dict(os.environ, ADAPTSERVE_HOME=str(home), ADAPTSERVE_BASE_MODEL=str(base), ADAPTSERVE_ADMIN_TOKEN=token)
+    env.update(extra_env)
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--port", str(port)]
+    log = open(home / "demo-service.log", "ab")  # noqa: SIM115 - the child process owns it
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(client: Client, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the service exited with code {proc.returncode}; see demo-service.log")
+        try:
+            if client.http.get("/readyz").status_code == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready within {timeout:.0f} s")
+
+
+def train_site_adapter(base: Path, out: Path, epochs: int, seed: int) -> Path:
+    """The site's first adapter: LoRA on a little clean digits data (its reference images come with it)."""
+    from models.strategies import AdaptConfig
+    from pipelines.adapt import adapt_model
+    from pipelines.data import DataSplits, digits_splits, per_class_subset
+    from pipelines.train import TrainConfig
+
+    d = digits_splits(32)
+    target = DataSplits(per_class_subset(d.train, 30, seed), d.val, d.test)
+    adapt_model(base, target, out, AdaptConfig(strategy="lora"), TrainConfig(epochs=epochs, seed=seed, patience=5))
+    return out
+
+
+@dataclass
+class DemoConfig:
+    adapter: str = "site-demo"
+    shift: str = "gaussian_noise"
+    severity: int = 3
+    clean_requests: int = 200
+    max_shifted_requests: int = 3000
+    after_promote_requests: int = 250
+    images_per_request: int = 2
+    feedback_fraction: float = 0.5
+    adapter_epochs: int = 3
+    seed: int = 0
+    timeout_s: float = 420.0
+
+
+def _stream(client: Client, tl: Timeline, cfg: DemoConfig, images, labels, phase: str, state: dict) -> None:
+    """One /predict request; feedback for a fraction of its images; note version changes as promotions."""
+    body = {"images": [_b64(im) for im in images], "adapter": cfg.adapter}
+    r = client.post("/predict", body)
+    for p, y in zip(r["predictions"], labels, strict=True):
+        tl.correct.append(int(p["label"] == str(y)))
+        tl.versions.append(r["version"])
+        tl.phase.append(phase)
+        if phase == "shifted" and state["rng"].random() < cfg.feedback_fraction:
+            client.post("/feedback", {"id": p["id"], "label": str(y)})
+            state["labels"] += 1
+    if state.get("version") not in (None, r["version"]):
+        state["promoted_at"] = len(tl.correct)
+        tl.add("promote", f"responses now come from v{r['version']} (was v{state['version']})", state["say"])
+    state["version"] = r["version"]
+
+
+def _watch(client: Client, tl: Timeline, cfg: DemoConfig, state: dict) -> None:
+    """Poll the drift status and the jobs: the demo only observes what the system decides."""
+    drift = client.get("/drift", adapter=cfg.adapter)
+    if drift and drift.get("checked_at") != state.get("checked_at"):
+        state["checked_at"] = drift["checked_at"]
+        tl.drift.append((len(tl.correct), float(drift["score"])))
+        if drift["drift"] and not state.get("drifting"):
+            moved = [k for k, v in (drift.get("features") or {}).items() if v.get("moved")]
+            tl.add("drift", f"score {drift['score']:.1f} >= {drift['threshold']:.1f}; moved: {', '.join(moved)}",
+                   state["say"])
+        state["drifting"] = bool(drift["drift"])
+    jobs = (client.get("/jobs", adapter=cfg.adapter) or {}).get("jobs", [])
+    for job in jobs:
+        seen = state["jobs"].get(job["id"])
+        if seen != job["state"]:
+            state["jobs"][job["id"]] = job["state"]
+            kind = {"rejected": "rejected", "failed": "failed"}.get(job["state"], "job")
+            numbers = job.get("result") or {}
+            tl.add(kind, f"job {job['id'][:8]} ({job['trigger']}) {job['state']} {_numbers(numbers)}", state["say"])
+
+
+def _numbers(result: dict) -> str:
+    nums = result.get("numbers") or {}
+    keys = ("champion_target_acc", "challenger_target_acc", "champion_source_acc", "challenger_source_acc")
+    parts = [f"{k.replace('_acc', '')}={nums[k]:.3f}" for k in keys if isinstance(nums.get(k), (int, float))]
+    return ("(" + ", ".join(parts) + ")") if parts else ""
+
+
+def run_demo(client: Client, base: Path, cfg: DemoConfig, say: Callable[[str], None], work: Path) -> dict:
+    from pipelines.data import digits_splits
+    from pipelines.shifts import shift_set
+
+    tl = Timeline()
+    state: dict[str, Any] = {"rng": np.random.default_rng(cfg.seed), "labels": 0, "jobs": {}, "say": say}
+    tl.add("phase", f"training site adapter {cfg.adapter!r} on clean digits", say)
+    adapter_dir = train_site_adapter(base, work / "site-adapter", cfg.adapter_epochs, cfg.seed)
+    reg = client.register(cfg.adapter, adapter_dir)
+    tl.add("phase", f"registered {cfg.adapter} v{reg['result']['version']} as champion", say)
+
+    d = digits_splits(32)
+    clean = d.test  # clean traffic: the source test split
+    pool = shift_set(d.train, cfg.shift, cfg.severity, seed=cfg.seed)  # the degraded camera's stream
+    n = cfg.images_per_request
+    tl.add("phase", f"clean traffic: {cfg.clean_requests} requests", say)
+    for i in range(cfg.clean_requests):
+        idx = [(i * n + j) % len(clean) for j in range(n)]
+        _stream(client, tl, cfg, [clean.images[k] for k in idx], [clean.labels[k] for k in idx], "clean", state)
+        if i % 10 == 9:
+            _watch(client, tl, cfg, state)
+    onset = len(tl.correct)
+    tl.add("phase", f"camera degrades: {cfg.shift} severity {cfg.severity}; "
+                    f"feedback on {cfg.feedback_fraction:.0%} of predictions", say)
+    deadline = time.monotonic() + cfg.timeout_s
+    i = 0
+    while i < cfg.max_shifted_requests and time.monotonic() < deadline:
+        idx = [(i * n + j) % len(pool) for j in range(n)]
+        _stream(client, tl, cfg, [pool.images[k] for k in idx], [pool.labels[k] for k in idx], "shifted", state)
+        if i % 10 == 9:
+            _watch(client, tl, cfg, state)
+        if "promoted_at" in state and len(tl.correct) - state["promoted_at"] >= cfg.after_promote_requests * n:
+            break
+        i += 1
+    _watch(client, tl, cfg, state)
+    return summarize(tl, cfg, onset, state)
+
+
+def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
+    promoted_at = state.get("promoted_at")
+    clean = tl.accuracy("clean")
+    shifted = float(np.mean(tl.correct[onset:promoted_at])) if promoted_at and promoted_at > onset else (
+        tl.accuracy("shifted"))
+    recovered = tl.accuracy("shifted", since=promoted_at) if promoted_at else None
+    first = {k: next((e.request - onset for e in tl.events if e.kind == k and e.request >= onset), None)
+             for k in ("drift", "job", "promote")}
+    lost = (clean or 0) - (shifted or 0)
+    return {
+        "adapter": cfg.adapter,
+        "shift": f"{cfg.shift}@{cfg.severity}",
+        "clean_acc": clean,
+        "shifted_acc": shifted,
+        "recovered_acc": recovered,
+        "recovered_fraction": ((recovered - shifted) / lost) if recovered is not None and lost > 0 else None,
+        "labels_sent": state["labels"],
+        "drift_after_images": first["drift"],
+        "job_after_images": first["job"],
+        "promoted_after_images": first["promote"],
+        "promoted": promoted_at is not None,
+        "seconds": round(time.monotonic() - tl.start, 1),
+        "timeline": tl,
+    }
+
+
+def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """demo-report.html (self-contained: the chart is embedded) and demo-chart.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl: Timeline = result["timeline"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    c = np.asarray(tl.correct, dtype=float)
+    w = 50
+    if len(c) >= w:
+        rolling = np.convolve(c, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w - 1, len(c)), rolling, color="tab:blue", label=f"accuracy (rolling {w} images)")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("images served")
+    ax.set_ylabel("accuracy")
+    if tl.drift:
+        ax2 = ax.twinx()
+        xs, ys = zip(*tl.drift, strict=True)
+        ax2.plot(xs, ys, color="tab:orange", marker=".", label="drift score (-log10 p)")
+        ax2.set_ylabel("drift score")
+    colours = {"drift": "tab:red", "job": "tab:purple", "promote": "tab:green", "rejected": "black",
+               "failed": "black", "phase": "grey"}
+    for e in tl.events:
+        if e.kind != "phase" or "degrades" in e.text:
+            ax.axvline(e.request, color=colours.get(e.kind, "grey"), linestyle="--", linewidth=1)
+            ax.text(e.request, 1.02, e.kind if e.kind != "phase" else "shift", rotation=90, fontsize=8,
+                    va="bottom", color=colours.get(e.kind, "grey"))
+    ax.legend(loc="lower left")
+    ax.set_title(f"adaptserve demo: {result['adapter']} under {result['shift']}")
+    fig.tight_layout()
+    png = out_dir / "demo-chart.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    rows = "".join(
+        f"<tr><td>{e.at:.1f}</td><td>{e.request}</td><td>{html.escape(e.kind)}</td><td>{html.escape(e.text)}</td></tr>"
+        for e in tl.events
+    )
+    numbers = {k: v for k, v in result.items() if k != "timeline"}
+    chart = base64.b64encode(png.read_bytes()).decode()
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>adaptserve demo</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:2px 10px;text-align:left}}
+tr:nth-child(even){{background:#f4f4f4}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
+<h1>adaptserve demo</h1>
+<img alt="accuracy and drift score over requests" src="data:image/png;base64,{chart}">
+<h2>Numbers</h2><pre>{html.escape(json.dumps(numbers, indent=2))}</pre>
+<h2>Timeline</h2><table><tr><th>seconds</th><th>image</th><th>event</th><th>what</th></tr>{rows}</table>
+</body></html>"""
+    report = out_dir / "demo-report.html"
+    report.write_text(page)
+    return report, png
+
+
+def demo(
+    url: str | None,
+    token: str | None,
+    base: Path,
+    cfg: DemoConfig,
+    out_dir: Path,
+    say: Callable[[str], None] = print,
+    home: Path | None = None,
+) -> dict:
+    """Run the demo against `url`, or start a service of its own (in `home`, default a temp dir) and stop it."""
+    proc = None
+    with tempfile.TemporaryDirectory(prefix="adaptserve-demo-") as tmp:
+        if url is None:
+            import secrets
+
+            home = home or Path(tmp) / "home"
+            home.mkdir(parents=True, exist_ok=True)
+            token = token or secrets.token_urlsafe(16)
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            say(f"starting a service on {url} (state in {home})")
+            proc = start_service(home, base, port, token, DEMO_ENV)
+        client = Client(url, token)
+        try:
+            wait_ready(client, proc)
+            say(f"dashboard: {url}/dashboard")
+            result = run_demo(client, base, cfg, say, Path(tmp))
+        finally:
+            if proc is not None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+        report, png = write_report(result, out_dir)
+    result.update(report=str(report), chart=str(png))
+    return result

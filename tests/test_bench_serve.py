@@ -1,0 +1,111 @@
+"""`adaptserve bench serve`: the arithmetic of its metrics, and a quick end-to-end run of the real thing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.bench_serve import (
+    ROOT,
+    Promote,
+    Sample,
+    make_jpegs,
+    phase_stats,
+    predict_bodies,
+    swap_latencies,
+)
+
+
+def _samples(rows: list[tuple[float, int]], adapter: str = "a") -> list[Sample]:
+    """(send time, version) rows; each answered 0.05 s later with 200."""
+    return [Sample(sent, sent + 0.05, 200, adapter, version) for sent, version in rows]
+
+
+@pytest.mark.parametrize(
+    "rows, promotes, want_ms, want_incomplete",
+    [
+        # v1 until 1.3, v2 from 1.4: the swap sent at 1.0 took 400 ms
+        ([(0.9, 1), (1.1, 1), (1.3, 1), (1.4, 2), (1.5, 2)], [(1.0, 2)], [400.0], 0),
+        # a stale answer after a new one (the slower worker) moves the switch point past it
+        ([(1.1, 2), (1.2, 1), (1.3, 2), (1.6, 2)], [(1.0, 2)], [300.0], 0),
+        # already switched at the first request after the promote
+        ([(1.05, 2), (1.2, 2)], [(1.0, 2)], [50.0], 0),
+        # never switched before the next promote, then the second swap completes
+        ([(1.1, 1), (1.9, 1), (2.2, 2), (3.1, 1)], [(1.0, 2), (2.0, 2), (3.0, 1)], [200.0, 100.0], 1),
+        # no request at all after the promote: nothing shows that it happened
+        ([(0.5, 1)], [(1.0, 2)], [], 1),
+    ],
+    ids=["simple", "stale-worker", "immediate", "incomplete", "no-traffic"],
+)
+def test_swap_latency_runs_to_the_first_request_after_which_all_name_the_new_version(
+    rows: list, promotes: list, want_ms: list[float], want_incomplete: int
+) -> None:
+    ps = [Promote(sent, sent + 0.01, version, True) for sent, version in promotes]
+    latencies, incomplete = swap_latencies(_samples(rows), ps, "a")
+    assert latencies == pytest.approx(want_ms)
+    assert incomplete == want_incomplete
+
+
+def test_swap_latency_ignores_other_adapters_and_failed_requests() -> None:
+    samples = _samples([(1.1, 2), (1.2, 2)]) + _samples([(1.3, 1)], adapter="b")
+    samples.append(Sample(1.4, 1.5, 503, "a", None))
+    latencies, incomplete = swap_latencies(samples, [Promote(1.0, 1.01, 2, True)], "a")
+    assert (latencies, incomplete) == (pytest.approx([100.0]), 0)
+
+
+def test_phase_stats_count_images_answered_in_the_window() -> None:
+    samples = [Sample(t, t + 0.1, 200, "a", 1, images=2) for t in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    samples.append(Sample(1.0, 1.2, 0, "a"))
+    stats = phase_stats(samples, start=0.5, end=2.0)
+    # answered at 0.6, 1.1, 1.6 inside [0.5, 2.0]: 3 requests x 2 images in 1.5 s; the failure counts as an error
+    assert stats.throughput_img_s == pytest.approx(4.0)
+    assert stats.p50_ms == pytest.approx(100.0)
+    assert (stats.errors, stats.requests) == (1, 4)
+
+
+def test_request_bodies_carry_jpegs_for_each_adapter() -> None:
+    from service.decode import decode_images
+
+    images = make_jpegs(3, 64)
+    assert all(im[:3] == b"\xff\xd8\xff" for im in images)  # JPEG magic
+    bodies = predict_bodies(images, ["x", "y"], per_request=2)
+    body = json.loads(bodies["y"][1])
+    assert body["adapter"] == "y" and len(bodies["x"]) == 3
+    assert [im.size for im in decode_images(body["images"])] == [(64, 64), (64, 64)]
+
+
+KEYS = {
+    "throughput_img_s",
+    "p50_ms",
+    "p99_ms",
+    "errors",
+    "baseline_img_s",
+    "roofline_img_s",
+    "multi_adapter_ratio",
+    "swap_errors",
+    "swap_p99_ms",
+    "throughput_vs_baseline",
+    "throughput_vs_roofline",
+}
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> None:
+    """Two servers (onnx, then the torch batch-1 baseline) on random 32x32 resnet18s, 2 s per phase."""
+    env = {**os.environ, "ADAPTSERVE_HOME": str(tmp_path / "unused-home")}
+    cmd = [sys.executable, "-m", "pipelines.bench_serve", "--quick", "--out-dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(result), KEYS - set(result)
+    assert result["errors"] == 0 and result["swap_errors"] == 0
+    assert result["throughput_img_s"] > 0 and result["baseline_img_s"] > 0 and result["roofline_img_s"] > 0
+    assert result["swap_p99_ms"] is not None
+    saved = json.loads((tmp_path / "out" / "serve.json").read_text())
+    assert saved["throughput_img_s"] == result["throughput_img_s"]
+    assert "| throughput / baseline |" in (tmp_path / "out" / "serve.md").read_text()
