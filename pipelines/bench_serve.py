@@ -477,27 +477,32 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 _MATMUL = """
-import sys, time, torch
-torch.set_num_threads(1)
+import sys, time
+import numpy as np
 n, seconds = int(sys.argv[1]), float(sys.argv[2])
-a, b = torch.randn(n, n), torch.randn(n, n)
-torch.mm(a, b)
+a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+a @ b
 best, deadline = 0.0, time.perf_counter() + seconds
 while time.perf_counter() < deadline:
     t = time.perf_counter()
-    torch.mm(a, b)
+    a @ b
     best = max(best, 2 * n**3 / (time.perf_counter() - t))
 print(best / 1e9)
 """
+_ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def matmul_peak_gflops(n: int = 512, seconds: float = 2.0) -> float:
-    """fp32 matmul peak of all cores: one single-threaded process per core multiplying n x n matrices (2 n^3
-    FLOPs) at the same time, each keeping its best product; their sum. Separate processes rather than one
-    multi-threaded matmul: a thread pool's barriers turn any other load on the machine into idle cores, while
-    the best of many short products by independent processes finds the moments the cores were free."""
+    """fp32 matmul peak of all cores: one single-threaded process per core multiplying n x n float32 matrices
+    (numpy's BLAS, 2 n^3 FLOPs per product) at the same time, each keeping its best product; their sum. Separate
+    processes rather than one multi-threaded matmul: a thread pool's barriers turn any other load on the machine
+    into idle cores, while the best of many short products by independent processes finds the moments the cores
+    were free. (torch's single-threaded sgemm reaches the same figure on this machine; numpy starts faster.)"""
+    env = {**os.environ, **_ONE_THREAD}
     procs = [
-        subprocess.Popen([sys.executable, "-c", _MATMUL, str(n), str(seconds)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _MATMUL, str(n), str(seconds)], env=env, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(os.cpu_count() or 1)
     ]
     return sum(float(p.communicate(timeout=120)[0]) for p in procs)
@@ -520,9 +525,15 @@ def model_gflops(base_dir: Path) -> float:
 _ENGINE = """
 import sys, time
 import numpy as np
-from service.engine import open_session
+import onnxruntime as ort
 path, size, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-session = open_session(path, threads=1)
+# service.engine.open_session(path, threads=1), without importing torch for it
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+options.intra_op_num_threads = 1
+options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
 session.run(None, {"input": x})
 best, deadline = float("inf"), time.perf_counter() + seconds
@@ -548,7 +559,10 @@ def engine_img_s(base_dir: Path, cache: Path, seconds: float) -> float:
     del engine
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _ENGINE, str(path), size, str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _ENGINE, str(path), size, str(seconds)],
+            env={**os.environ, **_ONE_THREAD},
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(os.cpu_count() or 1)
     ]
@@ -949,11 +963,12 @@ ADAPTSERVE_MAX_BATCH=1` and nothing else changed (same workers and threads).
 - baseline: the same HTTP path and clients, served by `ADAPTSERVE_ENGINE=torch ADAPTSERVE_MAX_BATCH=1`
   (peft, adapter unmerged, one request per forward pass), measured in the same run.
 - roofline: fp32 matmul peak of all cores divided by the model's FLOPs per image from `FlopCounterMode`
-  (2 FLOPs per multiply-add; a merged adapter adds none). Peak: one single-threaded torch process per core,
-  all at once, each keeping its best 512x512 product (2n^3 FLOPs) over 2 s; their sum. Best-of short products
-  is what makes it robust to other load; if two vCPUs share a physical core it overstates the peak, which only
-  makes the roofline target harder. The peak and the engine-alone figure are measured before and after the
-  service phases ({_samples(r)}); the best is used.
+  (2 FLOPs per multiply-add; a merged adapter adds none). Peak: one single-threaded process per core, all at
+  once, each keeping its best 512x512 float32 product (numpy BLAS, 2n^3 FLOPs) over 2 s; their sum. Best-of
+  short products is what makes it robust to other load; if two vCPUs share a physical core it overstates the
+  peak, which only makes the roofline target harder. Engine alone: the same way, one single-threaded ONNX
+  session per core, fastest single-image run. Both are measured before and after the service phases
+  ({_samples(r)}); the best is used.
 - multi_adapter_ratio: throughput with requests round-robin over {cfg["adapters"]} adapters / with one adapter.
 - swap phase: at least {cfg["seconds"]:g} s of load on one adapter while its champion is promoted v1 <-> v2 every
   {cfg["swap_every"]:g} s. Swap latency of one promote: from sending the promote request to the send time of

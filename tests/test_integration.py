@@ -22,7 +22,8 @@ def test_source_model_is_accurate_and_stored_without_pickle(source_model: Path) 
     meta = read_json(source_model / "model.json")
     assert meta["classes"] == [str(i) for i in range(10)]
     assert meta["metrics"]["test"]["accuracy"] > 0.9
-    assert {p.name for p in source_model.iterdir()} == {"model.json", "model.safetensors", "confusion.png"}
+    assert {p.name for p in source_model.iterdir()} == {"model.json", "model.safetensors", "confusion.png", "samples"}
+    assert {p.name for p in (source_model / "samples").iterdir()} == {"reference.npz", "replay.npz", "holdout.npz"}
 
 
 @pytest.fixture(scope="module")
