@@ -37,6 +37,7 @@ from models.artifacts import (
 )
 from models.export import ONNX_FILE, export_onnx, merged_classifier
 from models.preprocessing import Preprocessing
+from models.quantize import INT8_FILE, INT8_REPORT, QuantizeError, build_int8, labelled_arrays
 from models.registry import AdapterRegistry, AdapterVersion
 from models.samples import find_samples, load_samples
 from monitoring.detectors import ReferenceSet
@@ -138,12 +139,33 @@ def base_reference(base_dir: Path, home: Path) -> Path:
     return path
 
 
-def publish(registry: AdapterRegistry, name: str, src: Path, base_dir: Path, promote: bool = False) -> AdapterVersion:
+def wants_int8() -> bool:
+    """Publishing for a service that runs the int8 engine (ADAPTSERVE_ENGINE=onnx-int8 in this environment: the
+    service's own register route and the retrain jobs it starts inherit it)."""
+    return os.environ.get("ADAPTSERVE_ENGINE", "") == "onnx-int8"
+
+
+def prebuild_int8(staged: Path, base_dir: Path, base_meta: dict[str, Any]) -> None:
+    """model.int8.onnx + int8.json beside model.onnx, so that a worker running onnx-int8 only opens a session when
+    this version is promoted. Without labelled samples there is nothing to calibrate on: the worker serves fp32."""
+    try:
+        data = labelled_arrays([staged, Path(base_dir)], preprocessing_of(base_meta))
+    except QuantizeError as err:
+        log.warning("%s: no int8 model: %s", staged, err)
+        return
+    report = build_int8(staged / ONNX_FILE, staged / INT8_FILE, data, staged / INT8_REPORT)
+    log.info("int8: top-1 %.4f (fp32 %.4f) on %s", report.accuracy_int8, report.accuracy_fp32, report.eval_set)
+
+
+def publish(
+    registry: AdapterRegistry, name: str, src: Path, base_dir: Path, promote: bool = False, int8: bool | None = None
+) -> AdapterVersion:
     """Validate `src` against the base at `base_dir`, add a verified model.onnx and the drift reference.npz,
     register (and promote).
 
     The reference is computed from the adapter's own samples/reference.npz (its training/validation images,
     written by `adaptserve train`) or, when it has none, from the base model's (the source validation split).
+    `int8` (default: wants_int8()) also prebuilds the measured int8 model (models/quantize.py).
     """
     base, base_meta = load_model(base_dir)
     check_fits(src, base_meta)
@@ -153,7 +175,10 @@ def publish(registry: AdapterRegistry, name: str, src: Path, base_dir: Path, pro
         model, _ = load_adapter_model(staged, copy.deepcopy(base), base_meta)
         merged = merged_classifier(model)  # merged once for both the ONNX file and the reference
         export_onnx(merged, staged / ONNX_FILE, int(base_meta["preprocessing"]["crop_size"]))
-        (staged / REFERENCE_FILE).unlink(missing_ok=True)  # never register a stale copy from src
+        for stale in (REFERENCE_FILE, INT8_FILE, INT8_REPORT):  # never register a stale copy from src
+            (staged / stale).unlink(missing_ok=True)
+        if wants_int8() if int8 is None else int8:
+            prebuild_int8(staged, Path(base_dir), base_meta)
         write_reference(merged, [staged, Path(base_dir)], preprocessing_of(base_meta), staged / REFERENCE_FILE)
         version = registry.register(name, staged)  # after the reference: its sha256 is recorded with the rest
     if promote:

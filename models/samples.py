@@ -5,7 +5,8 @@ A model directory may hold `samples/<kind>.npz`:
   the base), `replay` (a slice of the source training split, mixed into re-fine-tuning against forgetting),
   `holdout` (the source test split: the forgetting check of every gate; never trained on).
 - adapter (written by `adaptserve train` and retrain jobs): `reference` (its training/validation images, from
-  which publish() computes the version's drift reference set).
+  which publish() computes the version's drift reference set) and `holdout` (its target test split, or a retrain
+  job's holdout labels: what the int8 engine's accuracy is measured on, models/quantize.py).
 
 Format: one .npz without pickles: the images as PNG bytes concatenated (`png` uint8 + `offsets`), `labels`
 int64 and `classes` (str). PNG keeps each image's own size and mode, exactly.

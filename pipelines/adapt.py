@@ -141,6 +141,7 @@ def adapt_model(
     reference = ImageSet(target.train.images + target.val.images, target.train.labels + target.val.labels,
                          target.classes)
     save_image_set(sample_path(out, "reference"), reference, limit=500)  # publish() builds the drift reference
+    save_image_set(sample_path(out, "holdout"), target.test, limit=500)  # what the int8 engine is measured on
     save_confusion_png(target_metrics, target.classes, out / "confusion.png", f"{adapt_cfg.strategy}: target test")
     write_json(
         out / "metrics.json",

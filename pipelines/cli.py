@@ -289,7 +289,9 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     workers: Annotated[int, typer.Option(help="BentoML worker processes (all share the registry)")] = 1,
-    engine: Annotated[str, typer.Option(help="onnx or torch")] = "onnx",
+    engine: Annotated[
+        str | None, typer.Option(help="onnx, onnx-int8 or torch (default: ADAPTSERVE_ENGINE, else onnx)")
+    ] = None,
 ) -> None:
     """Start the prediction service (builds the embedded default model first if missing)."""
     import secrets
@@ -297,6 +299,11 @@ def serve(
     import subprocess
     import sys
 
+    from service.config import ENGINES
+
+    engine = engine or os.environ.get("ADAPTSERVE_ENGINE") or "onnx"
+    if engine not in ENGINES:
+        _fail(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
     env = dict(
         os.environ,

@@ -426,6 +426,7 @@ def _publish(
     with tempfile.TemporaryDirectory(prefix="adaptserve-retrain-") as tmp:
         out = save_adapter(challenger.cpu(), meta, Path(tmp) / "adapter")
         save_image_set(sample_path(out, "reference"), job.labels_train, limit=500, seed=cfg.seed)  # drift reference
+        save_image_set(sample_path(out, "holdout"), job.labels_holdout, limit=500, seed=cfg.seed)  # int8 check
         return publish(registry, adapter, out, job.base_dir, promote=True)
 
 

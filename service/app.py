@@ -122,12 +122,12 @@ class AdaptServe:
             await asyncio.sleep(5.0)
 
     async def _predict(self, images: list[Any], adapter: str | None, top_k: int) -> dict | JSONResponse:
-        from service.decode import InputError, decode_images
+        from service.decode import InputError, decode_images_and_bytes
         from service.runtime import UnknownAdapterError
 
         try:
-            decoded = await asyncio.to_thread(decode_images, images, self.limits)
-            return await self.rt.predict(decoded, adapter, top_k)
+            decoded, blobs = await asyncio.to_thread(decode_images_and_bytes, images, self.limits)
+            return await self.rt.predict(decoded, adapter, top_k, blobs)
         except InputError as err:
             return error(err.status, str(err))
         except UnknownAdapterError as err:
@@ -166,11 +166,17 @@ class AdaptServe:
                     "name": info.name,
                     "champion": info.champion,
                     "serving": self.rt.champions.get(info.name),
+                    "precision": self.rt.served(info.name, self.rt.champions.get(info.name, -1)),
                     "versions": versions,
                     "error": self.rt.last_error.get(info.name),
                 }
             )
-        return {"base_model": self.rt.base_id, "engine": self.rt.engine.name, "adapters": out}
+        return {
+            "base_model": self.rt.base_id,
+            "engine": self.rt.engine.name,
+            "base_precision": self.rt.served("base", 0),
+            "adapters": out,
+        }
 
     @api.post("/predict/upload")
     async def predict_upload(self, file: UploadFile, adapter: str | None = None, top_k: int = 1) -> Any:
@@ -181,7 +187,7 @@ class AdaptServe:
         data = await file.read()
         try:
             image = await asyncio.to_thread(decode_upload, data, self.limits)
-            return await self.rt.predict([image], adapter, top_k)
+            return await self.rt.predict([image], adapter, top_k, [data])
         except InputError as err:
             return error(err.status, str(err))
         except UnknownAdapterError as err:

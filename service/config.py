@@ -8,7 +8,7 @@ from pathlib import Path
 
 from models import paths
 
-ENGINES = ("onnx", "torch")
+ENGINES = ("onnx", "onnx-int8", "torch")
 
 
 def _env(name: str, default: str) -> str:
@@ -50,7 +50,14 @@ def _bool(name: str, default: bool) -> bool:
 class ServiceConfig:
     home: Path = field(metadata={"env": "ADAPTSERVE_HOME", "help": "state directory (registry, artifacts, captures)"})
     base_model: Path = field(metadata={"env": "ADAPTSERVE_BASE_MODEL", "help": "base model dir (model.json)"})
-    engine: str = field(default="onnx", metadata={"env": "ADAPTSERVE_ENGINE", "help": "onnx or torch"})
+    engine: str = field(
+        default="onnx",
+        metadata={
+            "env": "ADAPTSERVE_ENGINE",
+            "help": "onnx (fp32, merged), onnx-int8 (int8 where its measured accuracy drop is within "
+            "ADAPTSERVE_INT8_MAX_DROP) or torch (peft, unmerged)",
+        },
+    )
     admin_token: str = field(
         default="", metadata={"env": "ADAPTSERVE_ADMIN_TOKEN", "help": "bearer token for admin routes"}
     )
@@ -79,6 +86,13 @@ class ServiceConfig:
     feedback_max: int = field(
         default=20000, metadata={"env": "ADAPTSERVE_FEEDBACK_MAX_ITEMS", "help": "most inputs kept for feedback"}
     )
+    int8_max_drop: float = field(
+        default=0.01,
+        metadata={
+            "env": "ADAPTSERVE_INT8_MAX_DROP",
+            "help": "onnx-int8: largest top-1 accuracy drop (0.01 = 1 point) at which a version is served in int8",
+        },
+    )
     job_runner: bool = field(
         default=True,
         metadata={"env": "ADAPTSERVE_JOB_RUNNER", "help": "start the retrain job runner + scheduler process (1/0)"},
@@ -105,6 +119,7 @@ class ServiceConfig:
             monitor=_bool("ADAPTSERVE_MONITOR", True),
             feedback_ttl_s=_float("ADAPTSERVE_FEEDBACK_TTL_S", 3600.0),
             feedback_max=_int("ADAPTSERVE_FEEDBACK_MAX_ITEMS", 20000, 0),
+            int8_max_drop=_float("ADAPTSERVE_INT8_MAX_DROP", 0.01),
             job_runner=_bool("ADAPTSERVE_JOB_RUNNER", True),
         )
 

@@ -293,6 +293,13 @@ def decode_images(items: object, limits: DecodeLimits | None = None, *, field: s
 
     The list's type, length and element types are all checked before anything is decoded.
     """
+    return decode_images_and_bytes(items, limits, field=field)[0]
+
+
+def decode_images_and_bytes(
+    items: object, limits: DecodeLimits | None = None, *, field: str = "images"
+) -> tuple[list[Image.Image], list[bytes]]:
+    """decode_images, plus the image file bytes each image came from (kept for feedback without a re-encode)."""
     limits = limits or DecodeLimits()
     if not isinstance(items, list | tuple):
         raise InputError(f"{field}: expected a list of base64 strings, got {_type_name(items)}")
@@ -306,13 +313,14 @@ def decode_images(items: object, limits: DecodeLimits | None = None, *, field: s
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise InputError(f"expected a base64 string, got {_type_name(item)}", index=i, field=field)
-    images = []
+    images, blobs = [], []
     for i, item in enumerate(items):
         try:
-            images.append(open_image(decode_base64(item), limits))
+            blobs.append(decode_base64(item))
+            images.append(open_image(blobs[-1], limits))
         except InputError as e:
             raise e.at(i, field) from e.__cause__
-    return images
+    return images, blobs
 
 
 def decode_upload(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:

@@ -11,6 +11,9 @@ A key names what serves a row: `BASE` (the base model itself) or (adapter name, 
   throughput halved). Sessions here block instead of spinning.
 - `TorchEngine`: one unmerged peft model holding every loaded adapter; a mixed batch runs one sub-batch per
   adapter version. peft mutates shared state (set_adapter), so calls are serialised by a lock.
+`OnnxEngine(precision="int8")` (ADAPTSERVE_ENGINE=onnx-int8) serves each version from a statically quantized
+int8 file (models/quantize.py) when its measured top-1 accuracy drop on labelled images is within `int8_max_drop`,
+and the fp32 file otherwise; `served[key]` says which precision serves a key and why, with the measurement.
 Both keep at most `max_loaded` adapter versions (least recently used out first).
 """
 
@@ -26,9 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.artifacts import load_adapter_model, model_id, read_adapter_meta
+from models.artifacts import file_sha256, load_adapter_model, model_id, preprocessing_of, read_adapter_meta
 from models.classifier import Classifier
 from models.export import ONNX_FILE, export_onnx, onnx_providers
+from models.quantize import (
+    DEFAULT_MAX_DROP,
+    INT8_FILE,
+    INT8_REPORT,
+    Int8Report,
+    QuantizeError,
+    build_int8,
+    labelled_arrays,
+)
 
 Key = tuple[str, int]
 BASE: Key = ("base", 0)
@@ -87,23 +99,66 @@ class OnnxEngine(Engine):
         max_loaded: int = 32,
         threads: int = 0,
         spin: bool = False,
+        precision: str = "fp32",
+        base_dir: Path | None = None,
+        int8_max_drop: float = DEFAULT_MAX_DROP,
     ) -> None:
         super().__init__(base, base_meta, max_loaded)
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
+        self.precision = precision
+        self.name = "onnx" if precision == "fp32" else "onnx-int8"
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.int8_max_drop = int8_max_drop
         self.cache_dir = Path(cache_dir)
         self.threads = threads or None
         self.spin = spin
+        self.served: dict[Key, dict[str, Any]] = {}
         self._sessions: OrderedDict[Key, Any] = OrderedDict()
         self._sessions[BASE] = self._build(BASE, None)
+
+    def _cache(self) -> Path:
+        return self.cache_dir / model_id(self.base_meta).replace("@", "-")
 
     def _build(self, key: Key, adapter_dir: Path | None):
         path = adapter_dir / ONNX_FILE if adapter_dir is not None else None
         if path is None or not path.is_file():
-            path = self.cache_dir / f"{model_id(self.base_meta).replace('@', '-')}" / f"{key[0]}-v{key[1]}.onnx"
+            path = self._cache() / f"{key[0]}-v{key[1]}.onnx"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 model = self.base if adapter_dir is None else self._torch_model(adapter_dir)
                 export_onnx(model, path, self.size)
-        return open_session(path, self.threads, self.spin)
+        info: dict[str, Any] = {"precision": "fp32"}
+        if self.precision == "int8":
+            path, info = self._int8(key, adapter_dir, path)
+        sess = open_session(path, self.threads, self.spin)
+        with self._lock:
+            self.served[key] = info
+        return sess
+
+    def _int8(self, key: Key, adapter_dir: Path | None, fp32: Path) -> tuple[Path, dict[str, Any]]:
+        """The int8 file of `key` (prebuilt by publish, else built once into the cache) when its measured accuracy
+        drop is acceptable; else the fp32 file, with the reason."""
+        if adapter_dir is not None and (adapter_dir / INT8_FILE).is_file() and (adapter_dir / INT8_REPORT).is_file():
+            q, report_path = adapter_dir / INT8_FILE, adapter_dir / INT8_REPORT
+        else:  # keyed by the fp32 file's content: a deleted and re-registered name-version never hits a stale file
+            stem = f"{key[0]}-v{key[1]}-{file_sha256(fp32)[:16]}"
+            q, report_path = self._cache() / f"{stem}.int8.onnx", self._cache() / f"{stem}.int8.json"
+            if not (q.is_file() and report_path.is_file()):
+                try:
+                    data = labelled_arrays([adapter_dir, self.base_dir], preprocessing_of(self.base_meta))
+                except QuantizeError as err:
+                    return fp32, {"precision": "fp32", "reason": f"int8 not possible: {err}"}
+                build_int8(fp32, q, data, report_path)
+        report = Int8Report.load(report_path)
+        if not report.acceptable(self.int8_max_drop):
+            return fp32, {
+                "precision": "fp32",
+                "int8": report.to_dict(),
+                "reason": f"int8 refused: top-1 accuracy {100 * report.delta:+.2f} points on {report.eval_set}, "
+                f"beyond ADAPTSERVE_INT8_MAX_DROP={self.int8_max_drop:g}",
+            }
+        return q, {"precision": "int8", "int8": report.to_dict()}
 
     def _torch_model(self, adapter_dir: Path):
         model, _ = load_adapter_model(adapter_dir, copy.deepcopy(self.base), self.base_meta)
@@ -122,6 +177,7 @@ class OnnxEngine(Engine):
     def unload(self, key: Key) -> None:
         with self._lock:
             self._sessions.pop(key, None)
+            self.served.pop(key, None)
 
     def loaded(self) -> list[Key]:
         return list(self._sessions)

@@ -27,6 +27,18 @@ SWAPS = Counter("adaptserve_swaps", "Champion changes applied by a worker", ["ad
 SWAP_LATENCY = Histogram(
     "adaptserve_swap_latency_seconds", "Load time of a new champion before it is swapped in", buckets=LATENCY_BUCKETS
 )
+SERVED_INT8 = Gauge(
+    "adaptserve_served_int8",
+    "1 when the adapter version is served by the int8 model (engine onnx-int8), 0 when by fp32",
+    ["adapter", "version"],
+    multiprocess_mode="mostrecent",
+)
+INT8_ACCURACY_DELTA = Gauge(
+    "adaptserve_int8_accuracy_delta",
+    "Top-1 accuracy of the int8 model minus fp32, measured on labelled holdout images when it was built",
+    ["adapter", "version"],
+    multiprocess_mode="mostrecent",
+)
 CHAMPION = Gauge(
     "adaptserve_champion_version", "Champion version per adapter", ["adapter"], multiprocess_mode="mostrecent"
 )
@@ -50,3 +62,13 @@ RETRAIN_JOBS = Gauge(
     ["adapter", "trigger", "state"],
     multiprocess_mode="mostrecent",
 )
+
+
+def record_precision(key: tuple[str, int], served: dict | None) -> None:
+    """What the engine serves `key` with (OnnxEngine.served); nothing for engines without precisions."""
+    if not served:
+        return
+    adapter, version = key[0], str(key[1])
+    SERVED_INT8.labels(adapter=adapter, version=version).set(1 if served["precision"] == "int8" else 0)
+    if served.get("int8"):
+        INT8_ACCURACY_DELTA.labels(adapter=adapter, version=version).set(served["int8"]["delta"])

@@ -53,7 +53,17 @@ class Swap:
 def make_engine(cfg: ServiceConfig, base, base_meta) -> Engine:
     if cfg.engine == "torch":
         return TorchEngine(base, base_meta, cfg.max_loaded)
-    return OnnxEngine(base, base_meta, cfg.home / "onnx-cache", cfg.max_loaded, cfg.threads)
+    precision = "int8" if cfg.engine == "onnx-int8" else "fp32"
+    return OnnxEngine(
+        base,
+        base_meta,
+        cfg.home / "onnx-cache",
+        cfg.max_loaded,
+        cfg.threads,
+        precision=precision,
+        base_dir=cfg.base_model,
+        int8_max_drop=cfg.int8_max_drop,
+    )
 
 
 class Runtime:
@@ -76,6 +86,7 @@ class Runtime:
         self.inputs, self._offpath = self._make_input_cache()
         self.refresh()
         metrics.ENGINE.labels(engine=self.engine.name).set(1)
+        metrics.record_precision(BASE, self.served(*BASE))
 
     def _make_monitor(self):
         from monitoring.monitor import DriftMonitor, MonitorConfig
@@ -142,6 +153,11 @@ class Runtime:
         av = self.registry.verify(name, version)
         self.engine.load((name, version), av.path)
         metrics.ADAPTER_LOADS.labels(adapter=name).inc()
+        metrics.record_precision((name, version), self.served(name, version))
+
+    def served(self, name: str, version: int) -> dict | None:
+        """How the engine serves this version: {"precision": "int8"|"fp32", "int8": measured, "reason": why fp32}."""
+        return getattr(self.engine, "served", {}).get((name, version))
 
     def resolve(self, adapter: str | None) -> Key:
         if adapter is None or adapter == "base":
@@ -213,7 +229,14 @@ class Runtime:
             preds.append({"id": uuid.uuid4().hex, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
         return {"predictions": preds, "adapter": key[0], "version": key[1]}
 
-    async def predict(self, images: Sequence[Image.Image], adapter: str | None, top_k: int = 1) -> dict:
+    async def predict(
+        self,
+        images: Sequence[Image.Image],
+        adapter: str | None,
+        top_k: int = 1,
+        encoded: Sequence[bytes] | None = None,
+    ) -> dict:
+        """`encoded`: the file bytes of each image, when the caller has them (stored for feedback as they are)."""
         if not 1 <= top_k <= len(self.classes):
             raise ValueError(f"top_k must be between 1 and {len(self.classes)} (the number of classes), got {top_k}")
         key = self.resolve(adapter)
@@ -223,13 +246,22 @@ class Runtime:
         probs = self.softmax(logits)
         result = self.format(probs, key, top_k)
         metrics.observe_request(key, time.perf_counter() - start, [p["label"] for p in result["predictions"]])
-        self.capture(key, [p["id"] for p in result["predictions"]], images, probs, emb)
+        self.capture(key, [p["id"] for p in result["predictions"]], images, probs, emb, encoded)
         return result
 
-    def capture(self, key: Key, ids: list[str], images: Sequence[Image.Image], probs: np.ndarray, emb) -> None:
+    def capture(
+        self,
+        key: Key,
+        ids: list[str],
+        images: Sequence[Image.Image],
+        probs: np.ndarray,
+        emb,
+        encoded: Sequence[bytes] | None = None,
+    ) -> None:
         """Hand the prediction to the monitor and the feedback cache; both do their work on their own threads."""
         if self.monitor is not None:
             self.monitor.record(key[0], key[1], ids, list(images), probs, emb)
         if self.inputs is not None:
             inputs, images = self.inputs, list(images)
-            self._offpath.submit(lambda: inputs.put_many(key[0], key[1], ids, images))
+            blobs = list(encoded) if encoded is not None else None
+            self._offpath.submit(lambda: inputs.put_many(key[0], key[1], ids, images, encoded=blobs))

@@ -11,13 +11,18 @@ from pathlib import Path
 import pytest
 
 from pipelines.bench_serve import (
+    NOTES,
     ROOT,
+    BenchConfig,
     Promote,
     Sample,
     make_jpegs,
+    markdown,
     phase_stats,
     predict_bodies,
+    summarize,
     swap_latencies,
+    write_results,
 )
 
 
@@ -79,6 +84,50 @@ def test_request_bodies_carry_jpegs_for_each_adapter() -> None:
     assert [im.size for im in decode_images(body["images"])] == [(64, 64), (64, 64)]
 
 
+def _stats(img_s: float, cpu_ms: float) -> dict:
+    return {
+        "throughput_img_s": img_s,
+        "p50_ms": 100.0,
+        "p99_ms": 200.0,
+        "errors": 0,
+        "requests": 90,
+        "server_cpu_ms_per_img": cpu_ms,
+        "client_cpu_ms_per_img": 1.0,
+    }
+
+
+def _result() -> dict:
+    measured = {
+        "single": _stats(30.0, 60.0),
+        "multi": _stats(24.0, 66.0),
+        "swap": {"swaps": 3, "swap_errors": 0, "swap_p99_ms": 700.0, "promote_p99_ms": 650.0},
+        "ceilings": {"peak_gflops": [170.0, 180.0], "engine_img_s": [45.0, 48.0]},
+    }
+    return summarize(BenchConfig(), measured, _stats(10.0, 120.0), 180.0, 3.6, 48.0, (0.1, 0.1, 0.1))
+
+
+def test_summary_ratios_and_target_checks() -> None:
+    r = _result()
+    assert (r["roofline_img_s"], r["throughput_vs_roofline"]) == (50.0, 0.6)
+    assert (r["throughput_vs_baseline"], r["multi_adapter_ratio"], r["throughput_vs_engine"]) == (3.0, 0.8, 0.625)
+    md = markdown(r)
+    assert "- [ ] throughput >= 5x the torch eager batch-1 baseline: 3.0" in md
+    assert "- [x] throughput >= 40% of the fp32 roofline: 0.6" in md
+    assert "- [x] multi-adapter throughput >= 0.7x single-adapter: 0.8" in md
+    assert "the throughput ratio cannot exceed 2.0x" in md  # 120 / 60 CPU ms per image
+
+
+def test_a_rerun_keeps_the_hand_written_notes(tmp_path: Path) -> None:
+    write_results(_result(), tmp_path)
+    md = tmp_path / "serve.md"
+    md.write_text(md.read_text() + NOTES + "\nwhy the baseline target is out of reach\n")
+    write_results({**_result(), "throughput_img_s": 31.0}, tmp_path)
+    text = md.read_text()
+    assert "| throughput, 1 adapter (img/s) | 31.0 |" in text
+    assert text.count(NOTES) == 1 and text.endswith("why the baseline target is out of reach\n")
+    assert json.loads((tmp_path / "serve.json").read_text())["throughput_img_s"] == 31.0
+
+
 KEYS = {
     "throughput_img_s",
     "p50_ms",
@@ -96,7 +145,7 @@ KEYS = {
 
 @pytest.mark.slow
 def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> None:
-    """Two servers (onnx, then the torch batch-1 baseline) on random 32x32 resnet18s, 2 s per phase."""
+    """Three servers (onnx-int8, fp32 onnx, the torch batch-1 baseline) on random 32x32 resnet18s, 2 s a phase."""
     env = {**os.environ, "ADAPTSERVE_HOME": str(tmp_path / "unused-home")}
     cmd = [sys.executable, "-m", "pipelines.bench_serve", "--quick", "--out-dir", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -106,6 +155,9 @@ def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> N
     assert result["errors"] == 0 and result["swap_errors"] == 0
     assert result["throughput_img_s"] > 0 and result["baseline_img_s"] > 0 and result["roofline_img_s"] > 0
     assert result["swap_p99_ms"] is not None
+    assert (result["engine"], result["served_precision"]) == ("onnx-int8", "int8")
+    assert 0 <= result["int8_agreement"] <= 1 and result["fp32_throughput_img_s"] > 0
+    assert result["int8_engine_alone_img_s"] > 0 and result["engine_alone_img_s"] > 0
     saved = json.loads((tmp_path / "out" / "serve.json").read_text())
     assert saved["throughput_img_s"] == result["throughput_img_s"]
     assert "| throughput / baseline |" in (tmp_path / "out" / "serve.md").read_text()

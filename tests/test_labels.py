@@ -285,3 +285,37 @@ def test_stored_inputs_reproduce_the_model_input(tmp_path: Path) -> None:
     small = image(6, (32, 32))
     assert prepare_image(small) is small  # small RGB images are kept as they are
     assert prepare_image(big, None).size == (600, 400)
+
+
+def _encoded(im: Image.Image, fmt: str, **save) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def test_the_bytes_a_client_sent_are_kept_as_they_are_and_give_the_served_pixels_back(tmp_path: Path) -> None:
+    """No PNG re-encode on the serving path: the sent bytes are stored (up to max_encoded_bytes) and decoded by
+    get() exactly as the service decoded the request, EXIF orientation, CMYK and shrinking included."""
+    from service.decode import open_image
+
+    rotated = image(7, (40, 24)).convert("CMYK")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    jpeg = _encoded(rotated, "JPEG", quality=90, exif=exif)
+    big = _encoded(image(8, (600, 400)), "PNG")
+    served = [open_image(jpeg), open_image(big)]
+    assert served[0].size == (24, 40)  # the service applied the orientation
+
+    cache = InputCache(tmp_path, max_encoded_bytes=len(jpeg))
+    cache.put_many("site-a", 1, ["j", "b"], served, encoded=[jpeg, big])
+    with sqlite3.connect(cache.path) as conn:
+        stored = dict(conn.execute("SELECT prediction_id, png FROM inputs").fetchall())
+    assert stored["j"] == jpeg  # kept as sent
+    assert stored["b"] != big and len(stored["b"]) > 0  # over the limit: a PNG of the shrunk image instead
+    got = cache.get("j")[2]
+    assert (got.mode, got.size) == ("RGB", (24, 40)) and got.tobytes() == served[0].tobytes()
+    assert cache.get("b")[2].tobytes() == prepare_image(served[1]).tobytes()
+    with pytest.raises(ValueError, match="one id each"):
+        cache.put_many("site-a", 1, ["x"], served[:1], encoded=[jpeg, big])

@@ -307,3 +307,29 @@ def test_drift_check_report_and_dashboard(client: TestClient) -> None:
     assert len(site_a["history"]) == 1 and site_a["status"]["checked_at"] == result["checked_at"]
     assert sum(site_a["class_counts"].values()) == site_a["records"] >= 20
     assert client.get("/dashboard", params={"refresh_s": -1}).status_code == 400
+
+
+@pytest.fixture
+def int8_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTSERVE_ENGINE", "onnx-int8")
+
+
+def test_the_int8_engine_shows_what_serves_each_version_and_its_measured_accuracy(int8_engine, client) -> None:
+    listed = client.get("/adapters").json()
+    assert listed["engine"] == "onnx-int8"
+    base = listed["base_precision"]
+    assert base["precision"] == "int8" and abs(base["int8"]["delta"]) <= 0.01
+    site_a = next(a for a in listed["adapters"] if a["name"] == "site-a")["precision"]
+    # a random adapter has no samples of its own: calibrated and measured on its base's; whether it is served in
+    # int8 follows from what was measured (random LoRA noise on every layer can cost int8 more than a point)
+    assert site_a["int8"]["eval_set"].endswith("samples/holdout.npz")
+    within = site_a["int8"]["delta"] >= -0.01
+    assert site_a["precision"] == ("int8" if within else "fp32")
+    assert within or "beyond ADAPTSERVE_INT8_MAX_DROP=0.01" in site_a["reason"]
+    r = client.post("/predict", json={"images": [_png()], "adapter": "site-a"})
+    assert r.status_code == 200 and r.json()["version"] == 1
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    assert f'adaptserve_served_int8{{adapter="site-a",version="1"}} {float(within)}' in text
+    assert 'adaptserve_served_int8{adapter="base",version="0"} 1.0' in text
