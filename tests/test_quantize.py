@@ -87,7 +87,9 @@ def test_without_labelled_samples_the_engine_serves_fp32_and_says_why(
         labelled_arrays([registry.path("site-a", 1)], preprocessing_of(load_model(source_model)[1]))
 
 
-def test_publish_prebuilds_the_int8_model_so_a_swap_only_opens_it(source_model: Path, tmp_path: Path) -> None:
+def test_publish_prebuilds_the_int8_model_so_a_swap_only_opens_it(
+    source_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = open_registry(tmp_path / "home")
     src = make_random_adapter(source_model, tmp_path / "adapter", seed=5)
     version = publish(registry, "site-q", src, source_model, promote=True, int8=True)
@@ -101,6 +103,10 @@ def test_publish_prebuilds_the_int8_model_so_a_swap_only_opens_it(source_model: 
     assert engine.served[("site-q", 1)] == {"precision": "int8", "int8": report.to_dict()}
     assert [p.name for p in cache.rglob("site-q*")] == []  # nothing rebuilt
     assert publish(registry, "site-q", src, source_model, int8=False).sha256.keys().isdisjoint({INT8_FILE})
+    # by default it follows the environment: what a retrain job started by an onnx-int8 service inherits
+    assert INT8_FILE not in publish(registry, "site-q", src, source_model).sha256
+    monkeypatch.setenv("ADAPTSERVE_ENGINE", "onnx-int8")
+    assert INT8_FILE in publish(registry, "site-q", src, source_model).sha256
 
 
 def test_calibration_and_measurement_use_different_images(source_model: Path, tmp_path: Path) -> None:
