@@ -20,6 +20,7 @@ Both keep at most `max_loaded` adapter versions (least recently used out first).
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -41,6 +42,8 @@ from models.quantize import (
     build_int8,
     labelled_arrays,
 )
+
+log = logging.getLogger("adaptserve")
 
 Key = tuple[str, int]
 BASE: Key = ("base", 0)
@@ -147,10 +150,16 @@ class OnnxEngine(Engine):
             if not (q.is_file() and report_path.is_file()):
                 try:
                     data = labelled_arrays([adapter_dir, self.base_dir], preprocessing_of(self.base_meta))
+                    build_int8(fp32, q, data, report_path)
                 except QuantizeError as err:
                     return fp32, {"precision": "fp32", "reason": f"int8 not possible: {err}"}
-                build_int8(fp32, q, data, report_path)
-        report = Int8Report.load(report_path)
+                except Exception as err:  # a failed quantization must not keep a servable version from serving
+                    log.exception("int8 build of %s v%s failed; serving fp32", *key)
+                    return fp32, {"precision": "fp32", "reason": f"int8 build failed: {err}"}
+        try:
+            report = Int8Report.load(report_path)
+        except (OSError, ValueError, TypeError) as err:
+            return fp32, {"precision": "fp32", "reason": f"int8 report {report_path.name} unreadable: {err}"}
         if not report.acceptable(self.int8_max_drop):
             return fp32, {
                 "precision": "fp32",

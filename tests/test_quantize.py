@@ -124,3 +124,24 @@ def test_calibration_and_measurement_use_different_images(source_model: Path, tm
     data = labelled_arrays([ref_only], prep)
     assert (len(data.calibration), len(data.eval_x)) == (20, 20)
     assert "not used for calibration" in data.eval_set
+
+
+def test_a_failed_int8_build_or_a_broken_report_leaves_the_version_serving_in_fp32(
+    source_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantizer crashed")
+
+    with monkeypatch.context() as m:
+        m.setattr(service.engine, "build_int8", broken)
+        engine = _engine(source_model, tmp_path / "a", base_dir=source_model)
+    assert engine.served[BASE] == {"precision": "fp32", "reason": "int8 build failed: quantizer crashed"}
+    assert engine.run(np.zeros((1, 3, 32, 32), np.float32), [BASE])[0].shape == (1, 10)
+
+    _engine(source_model, tmp_path / "b", base_dir=source_model)
+    (report_path,) = (tmp_path / "b").rglob("*.int8.json")
+    report_path.write_text("{not json")
+    served = _engine(source_model, tmp_path / "b", base_dir=source_model).served[BASE]
+    assert served["precision"] == "fp32" and served["reason"].startswith(f"int8 report {report_path.name} unreadable")
