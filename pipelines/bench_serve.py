@@ -155,14 +155,19 @@ class ServeProcess:
         return time.monotonic() - start
 
     def worker_pids(self) -> list[int]:
+        """The BentoML workers. Other children come and go: e.g. a second job runner, started by the other worker
+        in the same instant, exits at once (runner.lock is taken) and is a zombie until its worker reaps it."""
         import psutil
 
         self._remember_children()
-        return sorted(
-            c.pid
-            for c in psutil.Process(self.proc.pid).children(recursive=True)
-            if "_bentoml_impl.worker.service" in " ".join(c.cmdline())
-        )
+        pids = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.Error:  # exited, or a zombie: not a worker
+                pass
+        return sorted(pids)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM to the process group: BentoML stops its workers, they stop what they started. Whatever still

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,27 @@ def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> N
     saved = json.loads((tmp_path / "out" / "serve.json").read_text())
     assert saved["throughput_img_s"] == result["throughput_img_s"]
     assert "| throughput / baseline |" in (tmp_path / "out" / "serve.md").read_text()
+
+
+def test_worker_pids_skips_children_that_exited_unreaped(tmp_path: Path) -> None:
+    """A zombie under the server (e.g. a second job runner that found runner.lock taken) is not a worker, and
+    asking for its command line must not fail the caller."""
+    import psutil
+
+    from pipelines.bench_serve import ServeProcess
+
+    server = ServeProcess({}, tmp_path)
+    # the shell starts a child that exits at once, then becomes `sleep`, which never reaps it: a zombie
+    server.proc = subprocess.Popen(["sh", "-c", "sleep 0 & exec sleep 30"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = psutil.Process(server.proc.pid).children()
+            if kids and all(k.status() == psutil.STATUS_ZOMBIE for k in kids):
+                break
+            time.sleep(0.05)
+        assert kids and kids[0].status() == psutil.STATUS_ZOMBIE
+        assert server.worker_pids() == []
+    finally:
+        server.proc.kill()
+        server.proc.wait()
