@@ -35,6 +35,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from models.sqlite import transaction
+
 __all__ = [
     "CRASH_ENV",
     "CRASH_PHASES",
@@ -484,17 +486,10 @@ class SQLiteRegistry(AdapterRegistry):
     @contextmanager
     def _write(self, commit_phase: str | None = None) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; ``commit_phase`` names the pre-commit crash hook."""
-        with closing(self._connect()) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                if commit_phase:
-                    _crash_point(commit_phase)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with closing(self._connect()) as conn, transaction(conn):
+            yield conn
+            if commit_phase:
+                _crash_point(commit_phase)
 
     def _init_db(self) -> None:
         with closing(self._connect()) as conn:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from models.sqlite import transaction
 from monitoring.detectors import ReferenceSet
 from monitoring.image_stats import STAT_NAMES
 
@@ -207,15 +208,8 @@ class CaptureStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._db
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._lock, transaction(self._db) as conn:
+            yield conn
 
     def _create_schema(self) -> None:
         with self._transaction() as conn:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.sqlite import transaction
 from monitoring.capture import AsyncCapture, CaptureStore, keep_sample, make_records
 from monitoring.detectors import DriftConfig, DriftDetector, ReferenceSet
 from monitoring.image_stats import batch_image_stats
@@ -223,17 +224,10 @@ class DriftHistory:
                float(result["score"]), float(result["threshold"]), float(result["p_value"]),
                int(result["window_size"]), json.dumps(result["features"]), result.get("report"),
                result.get("mean_confidence"))
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._conn.execute(f"INSERT INTO drift_checks ({_HISTORY_COLUMNS}) VALUES "
-                                         "(?,?,?,?,?,?,?,?,?,?,?)", row)
-                count = self._conn.execute("SELECT COUNT(*) FROM drift_checks WHERE adapter = ?",
-                                           (result["adapter"],)).fetchone()[0]
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock, transaction(self._conn) as conn:
+            cur = conn.execute(f"INSERT INTO drift_checks ({_HISTORY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+            count = conn.execute("SELECT COUNT(*) FROM drift_checks WHERE adapter = ?",
+                                 (result["adapter"],)).fetchone()[0]
         return int(cur.lastrowid), int(count)
 
     def set_report(self, check_id: int, report: str) -> None:

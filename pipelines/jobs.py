@@ -51,6 +51,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.sqlite import connect, init_db, transaction
+
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.cron import CronTrigger
@@ -449,35 +451,18 @@ class _Database:
         self.db_path = self.home / DB_FILE
         self._known = known_adapters
         self._timeout = timeout
-        self.home.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-        with self._write() as conn:
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(stmt)
-
-    def _connect(self, durable: bool = True) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=self._timeout, isolation_level=None)
-        # FULL fsyncs every commit (~40 ms on a slow disk); NORMAL in WAL mode survives process crashes, not power loss
-        conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        return conn
+        init_db(self.db_path, _SCHEMA, timeout)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with closing(self._connect()) as conn:
+        with closing(connect(self.db_path, self._timeout)) as conn:
             yield conn
 
     @contextmanager
     def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        with closing(self._connect(durable)) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        """durable=False for progress and heartbeats: FULL fsyncs every commit (~40 ms on a slow disk)."""
+        with closing(connect(self.db_path, self._timeout, durable)) as conn, transaction(conn):
+            yield conn
 
     def known_adapters(self) -> set[str]:
         """Adapter names jobs may target: the injected set, else every adapter in the registry at this home."""

@@ -39,6 +39,7 @@ from PIL import Image
 
 from models.preprocessing import to_rgb
 from models.registry import NAME_PATTERN
+from models.sqlite import connect, init_db, transaction
 from pipelines.data import SPLITS, ImageSet, scan_class_folder
 
 LABELS_DB = "labels.db"
@@ -64,35 +65,25 @@ class ExpiredPredictionError(LookupError):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _connect(path: Path, timeout: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+def _durable(path: Path) -> bool:
     # labels are people's work: FULL survives power loss; the input cache is disposable: NORMAL (WAL) survives a
     # process crash, which is enough, and skips an fsync per request
-    conn.execute("PRAGMA synchronous=" + ("FULL" if path.name == LABELS_DB else "NORMAL"))
-    return conn
+    return path.name == LABELS_DB
+
+
+def _connect(path: Path, timeout: float) -> sqlite3.Connection:
+    return connect(path, timeout, durable=_durable(path))
 
 
 @contextmanager
 def _write(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT on a fresh connection: all of it or none of it."""
-    with closing(_connect(path, timeout)) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    with closing(_connect(path, timeout)) as conn, transaction(conn):
+        yield conn
 
 
 def _init_db(path: Path, schema: str, timeout: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with closing(_connect(path, timeout)) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-    with _write(path, timeout) as conn:
-        for stmt in filter(str.strip, schema.split(";")):
-            conn.execute(stmt)
+    init_db(path, schema, timeout, durable=_durable(path))
 
 
 def prepare_image(image: Image.Image, max_short_side: int | None = DEFAULT_MAX_SHORT_SIDE) -> Image.Image:
