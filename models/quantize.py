@@ -113,31 +113,22 @@ def labelled_arrays(model_dirs: Sequence[Path | None], preprocessing: Preprocess
             "no labelled samples (samples/reference.npz or samples/holdout.npz) beside the adapter or its base "
             "to calibrate int8 on and measure its accuracy with"
         )
-    if holdout is not None:
+    if reference is not None and holdout is not None:
+        calib, _ = _arrays(reference, preprocessing, CALIBRATION_IMAGES, seed + 1)
         eval_x, eval_y = _arrays(holdout, preprocessing, EVAL_IMAGES, seed)
-        eval_set = _describe(holdout)
-        calib_src = reference or holdout
-        calib, _ = _arrays(calib_src, preprocessing, CALIBRATION_IMAGES, seed + 1)
-        if calib_src == holdout:  # only a holdout: calibrate on a part of it and measure on the rest
-            x, y = _arrays(holdout, preprocessing, None, seed)
-            perm = np.random.default_rng(seed).permutation(len(x))
-            calib, eval_x, eval_y = (
-                x[perm[:CALIBRATION_IMAGES]],
-                x[perm[CALIBRATION_IMAGES:]],
-                y[perm[CALIBRATION_IMAGES:]],
-            )
-        return LabelledArrays(calib, _describe(calib_src), eval_x, eval_y, eval_set)
-    x, y = _arrays(reference, preprocessing, None, seed)
+        return LabelledArrays(calib, _describe(reference), eval_x, eval_y, _describe(holdout))
+    # one labelled set: calibrate on a seeded part of it and measure on the rest; a holdout gives calibration its
+    # full share and is measured on whole, a reference set gives at most half and is measured on EVAL_IMAGES
+    only = reference or holdout
+    x, y = _arrays(only, preprocessing, None, seed)
     perm = np.random.default_rng(seed).permutation(len(x))
-    n_cal = min(CALIBRATION_IMAGES, len(x) // 2)
-    rest = perm[n_cal:][:EVAL_IMAGES]
-    return LabelledArrays(
-        x[perm[:n_cal]],
-        _describe(reference),
-        x[rest],
-        y[rest],
-        f"{_describe(reference)}, images not used for calibration",
-    )
+    if only == holdout:
+        n_cal, cap, eval_set = CALIBRATION_IMAGES, None, _describe(only)
+    else:
+        n_cal, cap = min(CALIBRATION_IMAGES, len(x) // 2), EVAL_IMAGES
+        eval_set = f"{_describe(only)}, images not used for calibration"
+    rest = perm[n_cal:][:cap]
+    return LabelledArrays(x[perm[:n_cal]], _describe(only), x[rest], y[rest], eval_set)
 
 
 def _describe(path: Path) -> str:
