@@ -42,6 +42,13 @@ def merged_classifier(model: nn.Module) -> Classifier:
     return merged.eval()
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row softmax of engine logits, in their dtype: how the service turns logits into the probabilities it
+    returns and records, and so how a drift reference must compute them too."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def onnx_providers() -> list[str]:
     """CUDA when both torch and ONNX Runtime can use it, else CPU."""
     import onnxruntime as ort

@@ -35,7 +35,7 @@ from models.artifacts import (
     read_adapter_meta,
     read_json,
 )
-from models.export import ONNX_FILE, export_onnx, merged_classifier
+from models.export import ONNX_FILE, export_onnx, merged_classifier, softmax
 from models.preprocessing import Preprocessing
 from models.quantize import INT8_FILE, INT8_REPORT, QuantizeError, build_int8, labelled_arrays
 from models.registry import AdapterRegistry, AdapterVersion
@@ -60,12 +60,6 @@ def check_fits(adapter_dir: Path, base_meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax in float32, as the service computes it from the engine's logits."""
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def compute_reference(
     model: torch.nn.Module, images: Sequence[Image.Image], preprocessing: Preprocessing, batch_size: int = 128
 ) -> ReferenceSet:
@@ -88,7 +82,7 @@ def compute_reference(
             logits.append(lg.float().numpy())
             embeddings.append(emb.float().numpy())
     return reference_from_arrays(np.concatenate(embeddings), batch_image_stats(images),
-                                 _softmax(np.concatenate(logits)))
+                                 softmax(np.concatenate(logits)))
 
 
 def write_reference(model: torch.nn.Module, sample_dirs: Sequence[Path], preprocessing: Preprocessing,

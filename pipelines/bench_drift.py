@@ -87,11 +87,11 @@ class Traffic:
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probs, embeddings) for a preprocessed batch, served by the base model."""
+        from models.export import softmax
         from service.engine import BASE
 
         logits, emb = self.engine.run(x, [BASE] * len(x))
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True), emb
+        return softmax(logits), emb
 
     def features(self, images: Sequence[Any], batch: int = 64):
         """A ReferenceSet of the records the service would store for these predictions (float16 embeddings)."""

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from models.artifacts import load_model, model_id, preprocessing_of
+from models.export import softmax
 from models.registry import RegistryError, open_registry
 from service import metrics
 from service.config import ServiceConfig
@@ -216,11 +217,6 @@ class Runtime:
             self._dispatch = dispatcher(self.run_jobs)
         return await self._dispatch((x, key))
 
-    @staticmethod
-    def softmax(logits: np.ndarray) -> np.ndarray:
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
-
     def format(self, probs: np.ndarray, key: Key, top_k: int) -> dict:
         order = np.argsort(-probs, axis=1)[:, :top_k]
         preds = []
@@ -243,7 +239,7 @@ class Runtime:
         start = time.perf_counter()
         x = await asyncio.to_thread(self.preprocess, images)
         logits, emb = await self.infer(x, key)
-        probs = self.softmax(logits)
+        probs = softmax(logits)
         result = self.format(probs, key, top_k)
         metrics.observe_request(key, time.perf_counter() - start, [p["label"] for p in result["predictions"]])
         self.capture(key, [p["id"] for p in result["predictions"]], images, probs, emb, encoded)
