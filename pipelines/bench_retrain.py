@@ -97,7 +97,7 @@ def _accuracy(registry, base_dir: Path, dataset: ImageSet) -> float:
 
 def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> int:
     """Serve the stream through the input cache; label a seeded fraction by prediction id, as POST /feedback."""
-    from pipelines.labels import InputCache, LabelStore
+    from pipelines.labels import InputCache, LabelStore, Trust
 
     cache, store = InputCache(home), LabelStore(home)
     ids = [f"bench-{cfg.seed}-{i:05d}" for i in range(len(stream))]
@@ -107,7 +107,8 @@ def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> i
     n = min(cfg.max_labels, int(round(cfg.feedback_fraction * len(stream))))
     for i in np.sort(rng.permutation(len(stream))[:n]):
         adapter, _, image = cache.get(ids[i])
-        store.add(adapter, image, stream.classes[stream.labels[i]], stream.classes, "feedback", prediction_id=ids[i])
+        store.add(adapter, image, stream.classes[stream.labels[i]], stream.classes, "feedback", prediction_id=ids[i],
+                  trust=Trust.TRUSTED, sender="bench:labeller")  # the site's own labeller: trusted
     return store.count("site")
 
 

@@ -1,10 +1,26 @@
 """Labelled data for re-fine-tuning: a durable label store, and a short-lived cache of prediction inputs.
 
-`LabelStore` (``<home>/labels.db``) keeps every labelled image of every adapter with where it came from and
-when. An example's id is a hash of (adapter, pixels), so the same image labelled twice (a corrected
-feedback, a re-upload, a re-import) is one example: the latest label wins, and every labelling stays in the
-``events`` log. The train / holdout split hashes that id, so an example never moves between splits while
-the holdout fraction stays the same (raising the fraction only moves examples from train to holdout).
+`LabelStore` (``<home>/labels.db``) keeps every labelled image of every adapter with where it came from, who
+sent it, how far that sender is trusted (`Trust`) and when. An example's id is a hash of (adapter, pixels), so
+the same image labelled twice (a corrected feedback, a re-upload, a re-import) is one example, and every
+labelling stays in the ``events`` log. A second, different label never silently overwrites the first; trust
+decides (`decide`):
+
+- a higher-trust label replaces it; an admin's label always does (an admin's correction is authoritative);
+- the same trust (below admin) keeps the current label and marks the example *conflicted*: it is left out of
+  training and of the holdout until a higher-trust label settles it;
+- a lower-trust label keeps the current one, and the example stays usable.
+
+Every contradiction is a row of the ``conflicts`` table (`LabelStore.conflicts`, counted in `summary`).
+
+The train / holdout split hashes the example id, so an example never moves between splits while the holdout
+fraction stays the same (raising the fraction only moves examples from train to holdout). With
+``holdout_trust`` (what `pipelines.retrain` uses, "trusted" by default) the holdout holds only examples labelled
+at that trust or above; a lower-trust example whose hash says holdout is trained on instead (it would move to
+the holdout if a trusted labeller later confirmed it). What that buys: open feedback cannot grade its own
+challenger, so a poisoned relabel that costs accuracy on the trusted holdout (or on the source holdout) is
+rejected by the gate. What it cannot buy: poison in a region (classes, a camera's look) that the trusted
+holdout does not cover goes unseen, and so does poison sent with a trusted-labeller token.
 
 `InputCache` (``<home>/inputs.db``) keeps the input of each recent prediction for ``ttl_s`` seconds (at most
 ``max_items`` of them), so that ``POST /feedback {"id": ..., "label": ...}`` can refer to a prediction.
@@ -17,7 +33,8 @@ model input exactly (resize_size 256) or to within one further antialiased resiz
 costs ~100 KB instead of ~20 MB. Pass ``max_short_side=None`` to keep the received pixels untouched.
 
 Both stores open a fresh SQLite connection per operation (WAL), like the adapter registry: safe across
-threads and across the forked serving workers that share one home.
+threads and across the forked serving workers that share one home. A labels.db from before trust was recorded
+is migrated when a store opens it (see `_migrate`).
 """
 
 from __future__ import annotations
@@ -30,7 +47,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,13 +71,19 @@ _MAX_LISTED = 30
 class LabelError(ValueError):
     """A label cannot be stored as given; the message says what would be accepted."""
 
+    status_code = 400
+
 
 class UnknownPredictionError(LookupError):
     """Feedback names a prediction id this service never recorded (or forgot long ago)."""
 
+    status_code = 404
+
 
 class ExpiredPredictionError(LookupError):
     """Feedback names a prediction whose input is no longer kept."""
+
+    status_code = 410
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -144,8 +168,80 @@ def _check_label(adapter: str, label: object, classes: Sequence[str]) -> str:
     return label
 
 
+# --------------------------------------------------------------------------------------------- trust
+
+
+class Trust(IntEnum):
+    """How far the sender of a label is trusted; the service maps its token roles onto these levels."""
+
+    UNTRUSTED = 0  # anonymous POST /feedback, a non-trusted labeller (contributor) token
+    TRUSTED = 1  # `adaptserve data add` (import_folder), a trusted labeller token
+    ADMIN = 2  # an admin token: an admin's correction is authoritative
+
+
+def trust_name(level: int) -> str:
+    """'untrusted', 'trusted' or 'admin': how trust levels are shown (JSON, summaries)."""
+    return Trust(level).name.lower()
+
+
+def _check_trust(trust: object) -> Trust:
+    try:
+        return Trust(trust)
+    except ValueError:
+        levels = ", ".join(f"{trust_name(t)} ({int(t)})" for t in Trust)
+        raise LabelError(f"unknown trust level {trust!r}; use one of {levels}") from None
+
+
+OUTCOMES = ("added", "same", "relabelled", "conflict")
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """What `LabelStore.add` did with one label.
+
+    `outcome`: "added" (a new example), "same" (it had this label already; its trust is now the higher of the two),
+    "relabelled" (the label outranked the stored one and replaced it) or "conflict" (the stored label was kept and
+    the contradiction recorded, see `LabelStore.conflicts`). `conflicted`: the example is out of training and of
+    the holdout until a higher-trust label settles it."""
+
+    label_id: str
+    stored_label: str
+    outcome: str
+    conflicted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How an offered label meets the stored label of the same example (see `decide`)."""
+
+    outcome: str  # same | relabelled | conflict
+    replace: bool  # the offered label becomes the stored one
+    trust: Trust  # the stored label's trust afterwards
+    filed: str | None  # the contradiction's row in `conflicts`: pending | outranked | replaced; None: none
+    settles: bool  # the example's pending conflicts are resolved by this label
+
+
+def decide(kept: str, kept_trust: Trust, offered: str, offered_trust: Trust) -> Decision:
+    """The conflict rules in one pure function.
+
+    The same label again: trust becomes the higher of the two (a higher one settles pending conflicts). A different
+    label: higher trust replaces, and an admin's always does; the same trust (below admin) keeps the stored label
+    and leaves a pending conflict (the example is unusable until settled); lower trust keeps the stored label and
+    is filed as outranked (the example stays usable)."""
+    if offered == kept:
+        return Decision("same", False, max(kept_trust, offered_trust), None, offered_trust > kept_trust)
+    if offered_trust > kept_trust or offered_trust == Trust.ADMIN:
+        return Decision("relabelled", True, offered_trust, "replaced", True)
+    return Decision("conflict", False, kept_trust, "pending" if offered_trust == kept_trust else "outranked", False)
+
+
 # --------------------------------------------------------------------------------------------- label store
 
+# trust, sender (labels, events) and outcome (events) are added by `_migrate`, on a fresh file as on one from before
+# they existed, so every labels.db has one shape
 _LABELS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
     id TEXT PRIMARY KEY,
@@ -170,15 +266,78 @@ CREATE TABLE IF NOT EXISTS events (
     source TEXT NOT NULL,
     prediction_id TEXT,
     at REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    seq INTEGER PRIMARY KEY,
+    label_id TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    kept_label TEXT NOT NULL,
+    kept_trust INTEGER NOT NULL,
+    offered_label TEXT NOT NULL,
+    trust INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    prediction_id TEXT,
+    at REAL NOT NULL,
+    resolution TEXT CHECK (resolution IS NULL OR resolution IN ('outranked', 'replaced', 'settled')),
+    resolved_label TEXT,
+    resolved_at REAL
+);
+CREATE INDEX IF NOT EXISTS conflicts_pending ON conflicts (label_id) WHERE resolved_at IS NULL;
+CREATE INDEX IF NOT EXISTS conflicts_by_adapter ON conflicts (adapter, at)
 """
 
-_UPSERT = (
-    "INSERT INTO labels (id, adapter, label, source, prediction_id, split, created_at, updated_at, width, height, png)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET label = excluded.label,"
-    " source = excluded.source, prediction_id = COALESCE(excluded.prediction_id, labels.prediction_id),"
-    " updated_at = excluded.updated_at"  # split and created_at never change: an example keeps its split
+LEGACY_SENDER = "legacy"  # the sender of rows stored before senders were recorded
+_ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "labels": (("trust", "INTEGER NOT NULL DEFAULT 0"), ("sender", f"TEXT NOT NULL DEFAULT '{LEGACY_SENDER}'")),
+    "events": (
+        ("trust", "INTEGER NOT NULL DEFAULT 0"),
+        ("sender", f"TEXT NOT NULL DEFAULT '{LEGACY_SENDER}'"),
+        ("outcome", "TEXT"),
+    ),
+}
+_PENDING = "EXISTS (SELECT 1 FROM conflicts c WHERE c.label_id = labels.id AND c.resolved_at IS NULL)"
+_INSERT = (
+    "INSERT INTO labels (id, adapter, label, source, prediction_id, split, created_at, updated_at, width, height, png,"
+    " trust, sender) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_RELABEL = (  # split and created_at never change: an example keeps its split
+    "UPDATE labels SET label = ?, trust = ?, source = ?, sender = ?, prediction_id = COALESCE(?, prediction_id),"
+    " updated_at = ? WHERE id = ?"
+)
+_CONFLICT_COLUMNS = (
+    "seq", "label_id", "adapter", "kept_label", "kept_trust", "offered_label", "trust", "source", "sender",
+    "prediction_id", "at", "resolution", "resolved_label", "resolved_at",
+)  # fmt: skip
+
+
+def _missing_columns(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str]]]:
+    missing = {}
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if todo := [c for c in columns if c[0] not in have]:
+            missing[table] = todo
+    return missing
+
+
+def _migrate(path: Path, timeout: float) -> list[str]:
+    """Add the columns a labels.db from before trust lacks, all in one transaction; returns those added.
+
+    Old rows carry no sender: an import ("import:..." source, as `adaptserve data add` stores) is rated TRUSTED,
+    as an import is now; feedback and uploads UNTRUSTED; their sender is "legacy"."""
+    with closing(_connect(path, timeout)) as conn:
+        if not _missing_columns(conn):
+            return []
+        with transaction(conn):
+            missing = _missing_columns(conn)  # again under the write lock: another worker may have migrated it
+            for table, columns in missing.items():
+                for name, decl in columns:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                if any(name == "trust" for name, _ in columns):
+                    conn.execute(
+                        f"UPDATE {table} SET trust = ? WHERE substr(source, 1, 7) = 'import:'", (int(Trust.TRUSTED),)
+                    )
+    return [f"{table}.{name}" for table, columns in missing.items() for name, _ in columns]
 
 
 @dataclass(frozen=True)
@@ -191,27 +350,74 @@ class LabelRecord:
     split: str
     created_at: float
     updated_at: float
+    trust: Trust
+    sender: str
+    conflicted: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dict(self.__dict__, trust=trust_name(self.trust))
+
+
+@dataclass(frozen=True)
+class _Labelling:
+    """One label to store: the example (id, pixels) and who says what about it."""
+
+    id: str
+    adapter: str
+    label: str
+    source: str
+    prediction_id: str | None
+    split: str | None
+    trust: Trust
+    sender: str
+    at: float
+    width: int
+    height: int
+    png: bytes
 
 
 @dataclass
 class ImportReport:
-    """What `LabelStore.import_folder` did: new examples, relabelled known ones, unreadable files skipped."""
+    """What `LabelStore.import_folder` did: new examples, known ones that now carry the folder's label (relabelled
+    or confirmed), known ones that kept another label (`conflicts`), unreadable files skipped."""
 
     added: int
     updated: int
     skipped: list[str] = field(default_factory=list)
     per_split: dict[str, int] = field(default_factory=dict)
+    conflicts: int = 0
 
     @property
     def total(self) -> int:
         return self.added + self.updated
 
 
+@dataclass
+class LabelSplit:
+    """What `LabelStore.load_split` returns: (train, holdout), each example's trust, and what was held back."""
+
+    train: ImageSet
+    holdout: ImageSet
+    train_trust: list[Trust] = field(default_factory=list)
+    holdout_trust: list[Trust] = field(default_factory=list)
+    conflicted: int = 0  # left out of both until a higher-trust label settles them
+    moved_to_train: int = 0  # hashed to the holdout but below `holdout_trust`: trained on instead
+
+    def counts(self) -> dict[str, int]:
+        """How many labels of each kind were used (a retrain reports these with its gate numbers)."""
+        return {
+            "labels_train": len(self.train),
+            "labels_holdout": len(self.holdout),
+            "labels_train_untrusted": sum(t < Trust.TRUSTED for t in self.train_trust),
+            "labels_holdout_trusted": sum(t >= Trust.TRUSTED for t in self.holdout_trust),
+            "labels_conflicted": self.conflicted,
+            "labels_moved_to_train": self.moved_to_train,
+        }
+
+
 class LabelStore:
-    """Every labelled image of every adapter, durably, with its source and times (see the module docstring)."""
+    """Every labelled image of every adapter, durably, with its source, sender, trust and times (see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -227,6 +433,7 @@ class LabelStore:
         self.max_short_side = max_short_side
         self._timeout = timeout_s
         _init_db(self.path, _LABELS_SCHEMA, timeout_s)
+        self.migrated = _migrate(self.path, timeout_s)
 
     def split_of(self, label_id: str, forced: str | None = None, holdout_fraction: float | None = None) -> str:
         fraction = self.holdout_fraction if holdout_fraction is None else holdout_fraction
@@ -234,28 +441,60 @@ class LabelStore:
 
     # ---------------------------------------------------------------- writes
 
-    def _row(
-        self, adapter: str, image: Image.Image, label: str, source: str, prediction_id: str | None, split: str | None
-    ) -> tuple:
+    def _labelling(
+        self,
+        adapter: str,
+        image: Image.Image,
+        label: str,
+        source: str,
+        prediction_id: str | None,
+        split: str | None,
+        trust: Trust,
+        sender: str,
+    ) -> _Labelling:
         image = prepare_image(image, self.max_short_side)
-        now = time.time()
-        return (
-            example_id(adapter, image), adapter, label, source, prediction_id, split, now, now,
+        return _Labelling(
+            example_id(adapter, image), adapter, label, source, prediction_id, split, trust, sender, time.time(),
             image.width, image.height, encode_png(image),
         )  # fmt: skip
 
-    def _insert(self, conn: sqlite3.Connection, rows: Sequence[tuple]) -> tuple[int, int]:
-        """Upsert rows and log one event each; (new examples, relabelled ones)."""
-        added = 0
-        for row in rows:
-            known = conn.execute("SELECT 1 FROM labels WHERE id = ?", (row[0],)).fetchone() is not None
-            conn.execute(_UPSERT, row)
-            conn.execute(
-                "INSERT INTO events (label_id, adapter, label, source, prediction_id, at) VALUES (?, ?, ?, ?, ?, ?)",
-                row[:5] + (row[7],),
-            )
-            added += not known
-        return added, len(rows) - added
+    def _store(self, conn: sqlite3.Connection, x: _Labelling) -> LabelResult:
+        """Apply one labelling under the conflict rules (`decide`) and log it as an event."""
+        current = conn.execute("SELECT label, trust FROM labels WHERE id = ?", (x.id,)).fetchone()
+        if current is None:
+            row = (x.id, x.adapter, x.label, x.source, x.prediction_id, x.split, x.at, x.at, x.width, x.height, x.png)
+            conn.execute(_INSERT, (*row, int(x.trust), x.sender))
+            outcome, stored = "added", x.label
+        else:
+            kept, kept_trust = current[0], Trust(current[1])
+            d = decide(kept, kept_trust, x.label, x.trust)
+            outcome, stored = d.outcome, x.label if d.replace else kept
+            if d.replace or d.trust != kept_trust:  # the label, or who vouches for it, changed
+                conn.execute(_RELABEL, (stored, int(d.trust), x.source, x.sender, x.prediction_id, x.at, x.id))
+            if d.settles:
+                conn.execute(
+                    "UPDATE conflicts SET resolution = 'settled', resolved_label = ?, resolved_at = ? "
+                    "WHERE label_id = ? AND resolved_at IS NULL",
+                    (stored, x.at, x.id),
+                )
+            if d.filed:
+                settled = None if d.filed == "pending" else (d.filed, stored, x.at)
+                conn.execute(
+                    "INSERT INTO conflicts (label_id, adapter, kept_label, kept_trust, offered_label, trust, source, "
+                    "sender, prediction_id, at, resolution, resolved_label, resolved_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (x.id, x.adapter, kept, int(kept_trust), x.label, int(x.trust), x.source, x.sender,
+                     x.prediction_id, x.at, *(settled or (None, None, None))),
+                )  # fmt: skip
+        conn.execute(
+            "INSERT INTO events (label_id, adapter, label, source, prediction_id, at, trust, sender, outcome) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (x.id, x.adapter, x.label, x.source, x.prediction_id, x.at, int(x.trust), x.sender, outcome),
+        )
+        pending = conn.execute(
+            "SELECT 1 FROM conflicts WHERE label_id = ? AND resolved_at IS NULL LIMIT 1", (x.id,)
+        ).fetchone()
+        return LabelResult(x.id, stored, outcome, pending is not None)
 
     def add(
         self,
@@ -265,29 +504,44 @@ class LabelStore:
         classes: Sequence[str],
         source: str,
         prediction_id: str | None = None,
-    ) -> str:
-        """Store one labelled image; returns its label id.
+        *,
+        trust: Trust = Trust.UNTRUSTED,
+        sender: str = "anonymous",
+    ) -> LabelResult:
+        """Store one labelled image, sent by `sender` at `trust`; returns what happened (`LabelResult`).
 
         Labelling an image already stored for this adapter (the same prediction again, or the same pixels from
-        another route) replaces its label: the latest label wins, the id and split stay, both labellings stay
-        in the event log. An unknown label raises LabelError listing the valid ones.
+        another route) never silently overwrites it: trust decides (see `decide`); the id and split stay, and
+        every labelling stays in the event log. An unknown label raises LabelError listing the valid ones.
         """
         _check_adapter(adapter)
         _check_label(adapter, label, classes)
+        trust = _check_trust(trust)
         if not source:
             raise LabelError("source must say where the label came from, e.g. 'feedback', 'upload', 'import:<dir>'")
-        row = self._row(adapter, image, label, source, prediction_id, None)
+        if not isinstance(sender, str) or not sender:
+            raise LabelError("sender must say who sent the label, e.g. 'token:labeller-1', 'cli:data-add'")
+        labelling = self._labelling(adapter, image, label, source, prediction_id, None, trust, sender)
         with _write(self.path, self._timeout) as conn:
-            self._insert(conn, [row])
-        return row[0]
+            return self._store(conn, labelling)
 
-    def import_folder(self, adapter: str, folder: str | Path, classes: Sequence[str]) -> ImportReport:
+    def import_folder(
+        self,
+        adapter: str,
+        folder: str | Path,
+        classes: Sequence[str],
+        *,
+        trust: Trust = Trust.TRUSTED,
+        sender: str = "cli:data-add",
+    ) -> ImportReport:
         """Import an ImageFolder: ``folder/<class>/<image>`` (split by hashing, like feedback), or
         ``folder/{train,val,test}/<class>/<image>`` where train stays train and val/test go to the holdout.
 
-        Every class folder must be one of `classes` (checked before anything is stored); unreadable files are
-        skipped and listed; the whole import is one transaction."""
+        Labels are stored at `trust` (TRUSTED: whoever can run `adaptserve data add` on the host is trusted) from
+        `sender`, under the same conflict rules as `add`. Every class folder must be one of `classes` (checked
+        before anything is stored); unreadable files are skipped and listed; the whole import is one transaction."""
         _check_adapter(adapter)
+        trust = _check_trust(trust)
         folder = Path(folder).expanduser().absolute()
         parts = [s for s in SPLITS if (folder / s).is_dir()] or [""]
         sets = {part: scan_class_folder(folder / part) for part in parts}  # DataError (a ValueError) if unusable
@@ -297,16 +551,20 @@ class LabelStore:
                 f"class folder(s) {', '.join(unknown)} under {folder} are not labels of adapter {adapter!r}; "
                 f"valid labels: {_shorten(list(classes))}"
             )
-        rows, report = [], ImportReport(0, 0)
+        labellings, report = [], ImportReport(0, 0)
         for part, images in sets.items():
             forced = {"": None, "train": "train"}.get(part, "holdout")
             source = f"import:{folder / part}" if part else f"import:{folder}"
             for image, k in zip(images.images, images.labels, strict=True):
-                rows.append(self._row(adapter, image, images.classes[k], source, None, forced))
+                labellings.append(
+                    self._labelling(adapter, image, images.classes[k], source, None, forced, trust, sender)
+                )
             report.skipped += images.skipped
             report.per_split[part or "all"] = len(images)
         with _write(self.path, self._timeout) as conn:
-            report.added, report.updated = self._insert(conn, rows)
+            outcomes = Counter(self._store(conn, x).outcome for x in labellings)
+        report.added, report.updated = outcomes["added"], outcomes["same"] + outcomes["relabelled"]
+        report.conflicts = outcomes["conflict"]
         return report
 
     # ---------------------------------------------------------------- reads
@@ -314,47 +572,116 @@ class LabelStore:
     def get(self, label_id: str) -> LabelRecord:
         with closing(_connect(self.path, self._timeout)) as conn:
             row = conn.execute(
-                "SELECT id, adapter, label, source, prediction_id, split, created_at, updated_at FROM labels "
-                "WHERE id = ?",
+                "SELECT id, adapter, label, source, prediction_id, split, created_at, updated_at, trust, sender, "
+                f"{_PENDING} FROM labels WHERE id = ?",
                 (label_id,),
             ).fetchone()
         if row is None:
             raise KeyError(f"no label with id {label_id!r}")
-        return LabelRecord(*row[:5], self.split_of(row[0], row[5]), *row[6:])
+        split = self.split_of(row[0], row[5])
+        return LabelRecord(*row[:5], split, *row[6:8], Trust(row[8]), row[9], bool(row[10]))
 
-    def count(self, adapter: str, since: float | None = None) -> int:
-        """Examples of `adapter`; with `since` (unix time) only those labelled or relabelled since then."""
+    def count(self, adapter: str, since: float | None = None, *, min_trust: Trust = Trust.UNTRUSTED) -> int:
+        """Examples of `adapter` labelled at `min_trust` or above; with `since` (unix time) only those labelled,
+        relabelled or raised in trust since then (a repeated label or a conflict changes nothing)."""
         with closing(_connect(self.path, self._timeout)) as conn:
             return conn.execute(
-                "SELECT COUNT(*) FROM labels WHERE adapter = ? AND updated_at >= ?", (adapter, since or 0.0)
+                "SELECT COUNT(*) FROM labels WHERE adapter = ? AND updated_at >= ? AND trust >= ?",
+                (adapter, since or 0.0, int(min_trust)),
             ).fetchone()[0]
 
     def history(self, label_id: str) -> list[dict[str, Any]]:
-        """Every labelling of one example, oldest first (the audit trail of relabels)."""
+        """Every labelling of one example, oldest first, with who sent it and what it did (the audit trail)."""
+        keys = ("label", "source", "prediction_id", "at", "trust", "sender", "outcome")
+        with closing(_connect(self.path, self._timeout)) as conn:
+            rows = conn.execute(f"SELECT {', '.join(keys)} FROM events WHERE label_id = ? ORDER BY seq", (label_id,))
+            out = [dict(zip(keys, r, strict=True)) for r in rows.fetchall()]
+        return [dict(r, trust=trust_name(r["trust"])) for r in out]
+
+    def conflicts(self, adapter: str, unresolved_only: bool = True, limit: int = 100) -> list[dict[str, Any]]:
+        """The contradictions recorded for `adapter`, newest first: by default only the pending ones (examples left
+        out of training and holdout until a higher-trust label settles them). `resolution` is pending, outranked
+        (a lower-trust label was refused), replaced (a higher-trust label won) or settled (a pending one, later)."""
+        where = " AND resolved_at IS NULL" if unresolved_only else ""
         with closing(_connect(self.path, self._timeout)) as conn:
             rows = conn.execute(
-                "SELECT label, source, prediction_id, at FROM events WHERE label_id = ? ORDER BY seq", (label_id,)
+                f"SELECT {', '.join(_CONFLICT_COLUMNS)} FROM conflicts WHERE adapter = ?{where} "
+                "ORDER BY at DESC, seq DESC LIMIT ?",
+                (adapter, int(limit)),
             ).fetchall()
-        return [dict(zip(("label", "source", "prediction_id", "at"), r, strict=True)) for r in rows]
+        out = []
+        for row in rows:
+            c = dict(zip(_CONFLICT_COLUMNS, row, strict=True))
+            c.update(trust=trust_name(c["trust"]), kept_trust=trust_name(c["kept_trust"]))
+            out.append(dict(c, id=c.pop("seq"), resolution=c["resolution"] or "pending"))
+        return out
 
     def summary(self, adapter: str) -> dict[str, Any]:
-        """Counts per label, per split and per source kind, and the time span of the labels."""
+        """Counts per label, split, source kind and trust; conflicts; the trusted holdout; the time span."""
         with closing(_connect(self.path, self._timeout)) as conn:
             rows = conn.execute(
-                "SELECT id, label, source, split, updated_at FROM labels WHERE adapter = ?", (adapter,)
+                f"SELECT id, label, source, split, updated_at, trust, {_PENDING} FROM labels WHERE adapter = ?",
+                (adapter,),
             ).fetchall()
-        splits = Counter(self.split_of(r[0], r[3]) for r in rows)
+            pending, contradictions = conn.execute(
+                "SELECT COALESCE(SUM(resolved_at IS NULL), 0), COUNT(*) FROM conflicts WHERE adapter = ?",
+                (adapter,),
+            ).fetchone()
+        splits = [self.split_of(r[0], r[3]) for r in rows]
+        per_trust = Counter(r[5] for r in rows)
         return {
             "adapter": adapter,
             "labels": len(rows),
-            "train": splits["train"],
-            "holdout": splits["holdout"],
+            "train": splits.count("train"),
+            "holdout": splits.count("holdout"),
             "holdout_fraction": self.holdout_fraction,
             "per_label": dict(sorted(Counter(r[1] for r in rows).items())),
             "per_source": dict(sorted(Counter(r[2].split(":", 1)[0] for r in rows).items())),
+            "per_trust": {trust_name(t): per_trust[int(t)] for t in Trust},
+            "trusted_holdout": sum(
+                s == "holdout" and r[5] >= Trust.TRUSTED and not r[6] for s, r in zip(splits, rows, strict=True)
+            ),
+            "conflicts": pending,
+            "conflicted": sum(bool(r[6]) for r in rows),
+            "contradictions": contradictions,
             "first_at": min((r[4] for r in rows), default=None),
             "last_at": max((r[4] for r in rows), default=None),
         }
+
+    def load_split(
+        self,
+        adapter: str,
+        classes: Sequence[str],
+        holdout_fraction: float | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        holdout_trust: Trust | None = None,
+    ) -> LabelSplit:
+        """`dataset`'s (train, holdout), with each example's trust and counts of what was held back."""
+        sql = (
+            f"SELECT id, label, split, trust, {_PENDING}, png FROM labels WHERE adapter = ? AND updated_at >= ? "
+            "ORDER BY updated_at DESC LIMIT ?"
+        )
+        with closing(_connect(self.path, self._timeout)) as conn:
+            rows = conn.execute(sql, (adapter, since or 0.0, -1 if limit is None else limit)).fetchall()
+        index = {c: i for i, c in enumerate(classes)}
+        out = LabelSplit(ImageSet([], [], list(classes)), ImageSet([], [], list(classes)))
+        for label_id, label, forced, trust, conflicted, png in sorted(rows):  # id order, not labelling order
+            if conflicted:
+                out.conflicted += 1
+                out.train.skipped.append(f"{label_id} (conflicting labels)")
+                continue
+            if label not in index:
+                out.train.skipped.append(f"{label_id} (label {label!r})")
+                continue
+            part = self.split_of(label_id, forced, holdout_fraction)
+            if part == "holdout" and holdout_trust is not None and trust < holdout_trust:
+                part, out.moved_to_train = "train", out.moved_to_train + 1
+            images, trusts = (out.train, out.train_trust) if part == "train" else (out.holdout, out.holdout_trust)
+            images.images.append(decode_png(png))
+            images.labels.append(index[label])
+            trusts.append(Trust(trust))
+        return out
 
     def dataset(
         self,
@@ -363,24 +690,15 @@ class LabelStore:
         holdout_fraction: float | None = None,
         since: float | None = None,
         limit: int | None = None,
+        holdout_trust: Trust | None = None,
     ) -> tuple[ImageSet, ImageSet]:
         """(train, holdout) ImageSets of `adapter`'s labels, newest `limit` (all by default) labelled since
-        `since`. Examples whose label is no longer one of `classes` are left out and listed in `.skipped`."""
-        sql = "SELECT id, label, split, png FROM labels WHERE adapter = ? AND updated_at >= ? ORDER BY updated_at DESC"
-        with closing(_connect(self.path, self._timeout)) as conn:
-            rows = conn.execute(f"{sql} LIMIT ?", (adapter, since or 0.0, -1 if limit is None else limit)).fetchall()
-        index = {c: i for i, c in enumerate(classes)}
-        parts: dict[str, ImageSet] = {s: ImageSet([], [], list(classes)) for s in ("train", "holdout")}
-        skipped: list[str] = []
-        for label_id, label, forced, png in sorted(rows):  # id order: independent of labelling order
-            if label not in index:
-                skipped.append(f"{label_id} (label {label!r})")
-                continue
-            part = parts[self.split_of(label_id, forced, holdout_fraction)]
-            part.images.append(decode_png(png))
-            part.labels.append(index[label])
-        parts["train"].skipped = skipped
-        return parts["train"], parts["holdout"]
+        `since`. Examples whose label is no longer one of `classes`, and conflicted ones, are left out and listed in
+        the train set's `.skipped`. With `holdout_trust`, the holdout holds only examples labelled at that trust
+        or above; a lower-trust example whose hash says holdout goes to train (still a useful label; it is the
+        gate's check that must stay clean). None: every label may be in the holdout."""
+        split = self.load_split(adapter, classes, holdout_fraction, since, limit, holdout_trust)
+        return split.train, split.holdout
 
 
 # --------------------------------------------------------------------------------------------- input cache
@@ -573,10 +891,11 @@ def data_add(
         Path | None, typer.Option(help="base model dir, whose classes are the valid labels [default: embedded model]")
     ] = None,
 ) -> None:
-    """Import a labelled ImageFolder into ADAPTER's label store (what `retrain` trains and gates on).
+    """Import a labelled ImageFolder into ADAPTER's label store as trusted labels (what `retrain` trains and gates on).
 
     Without train/val/test folders every image is split train/holdout by hashing; with them, train stays train
-    and val/test become holdout. Unreadable images are skipped and counted."""
+    and val/test become holdout: the trusted holdout the retrain gate checks a challenger on. Unreadable images
+    are skipped and counted."""
     from rich.console import Console
 
     from models import paths
@@ -595,5 +914,37 @@ def data_add(
         f"{adapter}: {report.added} new, {report.updated} relabelled example(s) from {folder} "
         f"({', '.join(f'{k}: {v}' for k, v in report.per_split.items())})"
     )
+    if report.conflicts:
+        console.print(
+            f"[yellow]{report.conflicts} example(s) kept another label[/yellow] (an equal or higher trust label was "
+            "stored before; see LabelStore.conflicts)"
+        )
     if report.skipped:
         console.print(f"[yellow]skipped {len(report.skipped)} unreadable file(s):[/yellow] {_shorten(report.skipped)}")
+
+
+def data_conflicts(
+    adapter: Annotated[str, typer.Option(help="adapter whose labels to show")],
+    all_: Annotated[bool, typer.Option("--all", help="also the resolved ones (outranked, replaced, settled)")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="newest rows shown")] = 50,
+) -> None:
+    """Labels that contradict an earlier label of the same image: kept aside, never a silent overwrite.
+
+    A pending conflict (two labels of the same trust) leaves the image out of training and the gate's holdout
+    until a higher-trust label (`adaptserve data add`, an admin token) settles it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from models import paths
+
+    store = LabelStore(paths.home())
+    rows = store.conflicts(adapter, unresolved_only=not all_, limit=limit)
+    table = Table("at", "image", "kept", "offered", "by", "resolution")
+    for c in rows:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c["at"]))
+        table.add_row(at, c["label_id"][:12], f"{c['kept_label']} ({c['kept_trust']})",
+                      f"{c['offered_label']} ({c['trust']})", str(c["sender"]), c["resolution"])
+    Console().print(table)
+    s = store.summary(adapter)
+    Console().print(f"{adapter}: {s['conflicts']} pending conflict(s), {s['contradictions']} contradiction(s) in all; "
+                    f"labels by trust: {s['per_trust']}; trusted holdout: {s['trusted_holdout']}")

@@ -2,7 +2,10 @@
 
 A job, top to bottom:
 1. the adapter's labels (`LabelStore`): the train split trains, the holdout split (never trained on by any
-   version, since the split is a fixed hash of each example) is the target half of the gate;
+   version, since the split is a fixed hash of each example) is the target half of the gate. By default
+   (`holdout_trust="trusted"`) the holdout holds only trusted labels (`adaptserve data add`, a trusted-labeller or
+   admin token): open feedback whose hash says holdout is trained on instead, and examples whose labels conflict
+   are left out of both;
 2. a replay sample of the base model's source training data (`samples/replay.npz`) is mixed into training,
    `replay_ratio` images per label, so the new version does not forget the source domain;
 3. the challenger starts from the champion's LoRA weights (same rank and targets; they are the champion's
@@ -12,6 +15,14 @@ A job, top to bottom:
    target holdout by at least `margin` points AND loses at most `max_source_drop` points on the source holdout;
 5. a passing challenger is published (verified ONNX, registry version, promotion: a hot swap in running
    services; `registry.rollback` stays possible). A rejected one is not registered; the result has the numbers.
+
+What the gate protects against, and what not: untrusted labels may train a challenger but never grade it, so a
+poisoned challenger (relabelled feedback, e.g. every "3" sent as "4") is rejected when it loses accuracy on the
+trusted target holdout or on the source holdout. It cannot see poison in a region the trusted holdout does not
+cover (a class, a camera's look, a kind of image no trusted label shows), nor poison sent with a token that is
+trusted. `holdout_trust="any"` grades challengers on open feedback too: then a feedback stream can promote its
+own poison (measured: 1,200 inverted digits relabelled (true + 1) % 10 by an unauthenticated client promoted a v2
+that had learnt them; its source accuracy stayed 0.99, so the source check could not see it).
 """
 
 from __future__ import annotations
@@ -35,10 +46,11 @@ from models.samples import find_samples, load_samples, sample_path, save_image_s
 from models.strategies import LORA_TARGETS, Adaptation, AdaptConfig, adapt
 from pipelines.data import ImageSet
 from pipelines.evaluate import Metrics, evaluate
-from pipelines.labels import LabelStore
+from pipelines.labels import LabelSplit, LabelStore, Trust
 from pipelines.train import TrainConfig, fit, resolve_device, seed_everything
 
 Progress = Callable[[float, str], None]
+HOLDOUT_TRUST: dict[str, Trust | None] = {"trusted": Trust.TRUSTED, "any": None}  # RetrainConfig.holdout_trust
 
 
 class RetrainError(ValueError):
@@ -77,6 +89,14 @@ class RetrainConfig:
     holdout_fraction: float = field(
         default=0.3, metadata={"help": "share of labels held out for the gate (keep it fixed across jobs)"}
     )
+    holdout_trust: str = field(
+        default="trusted",
+        metadata={
+            "help": "which labels the gate's target holdout may hold: trusted (`adaptserve data add`, a trusted-"
+            "labeller or admin token; untrusted ones train instead) or any (open feedback too: a poisoned feedback "
+            "stream then grades its own challenger)"
+        },
+    )
     val_fraction: float = field(
         default=0.15, metadata={"help": "share of training labels (and of replay) kept aside for early stopping"}
     )
@@ -102,6 +122,11 @@ class RetrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.holdout_trust not in HOLDOUT_TRUST:
+            raise ValueError(
+                f"unknown holdout_trust {self.holdout_trust!r}; choose trusted (the gate checks on trusted labels "
+                "only) or any (on open feedback too)"
+            )
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(
                 f"unknown LoRA target policy {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}"
@@ -289,16 +314,27 @@ def _champion(registry, adapter: str) -> AdapterVersion | None:
         return None
 
 
-def _load_labels(home: Path, adapter: str, classes: list[str], cfg: RetrainConfig) -> tuple[ImageSet, ImageSet]:
+def _load_labels(home: Path, adapter: str, classes: list[str], cfg: RetrainConfig) -> LabelSplit:
     store = LabelStore(home, holdout_fraction=cfg.holdout_fraction)
-    train, holdout = store.dataset(adapter, classes, limit=cfg.max_labels)
-    if len(train) < cfg.min_labels or len(holdout) < cfg.min_holdout:
+    split = store.load_split(adapter, classes, limit=cfg.max_labels, holdout_trust=HOLDOUT_TRUST[cfg.holdout_trust])
+    n_train, n_holdout = len(split.train), len(split.holdout)
+    if n_train >= cfg.min_labels and n_holdout >= cfg.min_holdout:
+        return split
+    needs = (
+        f"adapter {adapter!r} has {n_train} training and {n_holdout} holdout labels; a retrain needs at least "
+        f"{cfg.min_labels} and {cfg.min_holdout} (RetrainConfig.min_labels / min_holdout)"
+    )
+    if cfg.holdout_trust == "trusted" and n_holdout < cfg.min_holdout:
         raise RetrainError(
-            f"adapter {adapter!r} has {len(train)} training and {len(holdout)} holdout labels; a retrain needs at "
-            f"least {cfg.min_labels} and {cfg.min_holdout} (RetrainConfig.min_labels / min_holdout): "
-            "collect more feedback (POST /feedback) or import labelled data (adaptserve data add)"
+            f"{needs}. The gate's holdout takes trusted labels only (holdout_trust='trusted'; "
+            f"{split.moved_to_train} untrusted holdout-split label(s) went to training, {split.conflicted} "
+            f"conflicted one(s) were left out): add trusted holdout labels with `adaptserve data add DIR --adapter "
+            f"{adapter}` (DIR/val/<class>/<image> all go to the holdout), or label with an admin or trusted-labeller "
+            "token"
         )
-    return train, holdout
+    raise RetrainError(
+        f"{needs}: collect more feedback (POST /feedback) or import labelled data (adaptserve data add)"
+    )
 
 
 def _adapter_meta(base_meta: dict, cfg: RetrainConfig, champion: AdapterVersion | None, extra: dict) -> dict:
@@ -327,6 +363,7 @@ class _Inputs:
     labels_train: ImageSet
     labels_holdout: ImageSet
     source_holdout: ImageSet
+    label_counts: dict[str, int] = field(default_factory=dict)  # LabelSplit.counts(): trust of what was used
 
     @property
     def prep(self):
@@ -336,7 +373,7 @@ class _Inputs:
 def _prepare(registry, home: Path, adapter: str, base_dir: Path, cfg: RetrainConfig) -> _Inputs:
     base, base_meta = load_model(base_dir)
     classes = base_meta["classes"]
-    labels_train, labels_holdout = _load_labels(home, adapter, classes, cfg)
+    labels = _load_labels(home, adapter, classes, cfg)
     source_holdout = _load_samples(base_dir, "holdout", classes)
     champion = _champion(registry, adapter)
     if champion is not None:
@@ -347,7 +384,7 @@ def _prepare(registry, home: Path, adapter: str, base_dir: Path, cfg: RetrainCon
                 f"champion v{champion.version} of {adapter!r} was trained on base {trained_on}, not on "
                 f"{model_id(base_meta)} at {base_dir}: give the job the base model the adapter serves on"
             )
-    return _Inputs(base_dir, base, base_meta, champion, labels_train, labels_holdout, source_holdout)
+    return _Inputs(base_dir, base, base_meta, champion, labels.train, labels.holdout, source_holdout, labels.counts())
 
 
 def _train(job: _Inputs, cfg: RetrainConfig, progress: Progress | None, deadline: float) -> tuple[nn.Module, dict]:
@@ -461,7 +498,7 @@ def _run(home: Path, adapter: str, base_dir: Path, cfg: RetrainConfig, progress:
     metrics = _compare(job, challenger, cfg)
     numbers.update({f"{k}_acc": m.accuracy for k, m in metrics.items()})
     numbers.update(margin=cfg.margin, max_source_drop=cfg.max_source_drop)
-    numbers.update(labels_train=len(job.labels_train), labels_holdout=len(job.labels_holdout))
+    numbers.update(job.label_counts, holdout_trust=cfg.holdout_trust)  # labels_train, labels_holdout_trusted, ...
     passed, reason = gate(numbers, cfg)
     parent = job.champion.version if job.champion else None
     current = _champion(registry, adapter)

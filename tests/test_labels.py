@@ -17,7 +17,9 @@ from pipelines.labels import (
     InputCache,
     LabelError,
     LabelStore,
+    Trust,
     UnknownPredictionError,
+    example_id,
     prepare_image,
 )
 
@@ -61,27 +63,27 @@ def test_invalid_adapter_name_and_empty_source_are_refused(store: LabelStore) ->
         store.add("site-a", image(0), "cat", CLASSES, "")
 
 
-def test_duplicate_feedback_replaces_label_keeps_id_split_and_history(store: LabelStore) -> None:
-    first = store.add("site-a", image(1), "cat", CLASSES, "feedback", prediction_id="p1")
-    again = store.add("site-a", image(1), "dog", CLASSES, "feedback", prediction_id="p1")
-    assert again == first
+def test_a_higher_trust_label_replaces_label_keeps_id_split_and_history(store: LabelStore) -> None:
+    first = store.add("site-a", image(1), "cat", CLASSES, "feedback", prediction_id="p1").label_id
+    again = store.add("site-a", image(1), "dog", CLASSES, "feedback", prediction_id="p1", trust=Trust.TRUSTED)
+    assert again.label_id == first and (again.stored_label, again.outcome) == ("dog", "relabelled")
     assert store.count("site-a") == 1
     record = store.get(first)
     assert (record.label, record.prediction_id, record.source) == ("dog", "p1", "feedback")
     assert record.updated_at >= record.created_at
     assert [h["label"] for h in store.history(first)] == ["cat", "dog"]
     # the same pixels uploaded without a prediction id are the same example too; another image is not
-    assert store.add("site-a", image(1), "fox", CLASSES, "upload") == first
+    assert store.add("site-a", image(1), "fox", CLASSES, "upload", trust=Trust.ADMIN).label_id == first
     assert store.get(first).prediction_id == "p1"  # an upload without an id keeps the recorded one
-    assert store.add("site-a", image(2), "fox", CLASSES, "upload") != first
-    assert store.add("site-b", image(1), "fox", CLASSES, "upload") != first  # per adapter
+    assert store.add("site-a", image(2), "fox", CLASSES, "upload").label_id != first
+    assert store.add("site-b", image(1), "fox", CLASSES, "upload").label_id != first  # per adapter
     assert store.summary("site-a")["per_label"] == {"fox": 2}
     assert store.summary("site-a")["per_source"] == {"upload": 2}
 
 
 def test_count_since_counts_new_and_relabelled(store: LabelStore) -> None:
     store.add("site-a", image(1), "cat", CLASSES, "feedback")
-    mark = store.get(store.add("site-a", image(2), "cat", CLASSES, "feedback")).updated_at
+    mark = store.get(store.add("site-a", image(2), "cat", CLASSES, "feedback").label_id).updated_at
     assert store.count("site-a") == 2
     assert store.count("site-a", since=mark) == 1
     assert store.count("site-a", since=mark + 3600) == 0
@@ -98,14 +100,14 @@ def _ids_by_split(store: LabelStore, ids: list[str]) -> dict[str, set[str]]:
 def test_split_is_deterministic_stable_and_close_to_the_fraction(tmp_path: Path) -> None:
     home = tmp_path / "home"
     store = LabelStore(home)
-    ids = [store.add("site-a", image(k), CLASSES[k % 3], CLASSES, "feedback") for k in range(200)]
+    ids = [store.add("site-a", image(k), CLASSES[k % 3], CLASSES, "feedback").label_id for k in range(200)]
     before = _ids_by_split(store, ids)
     assert 0.22 < len(before["holdout"]) / 200 < 0.38
     train, holdout = store.dataset("site-a", CLASSES)
     assert (len(train), len(holdout)) == (len(before["train"]), len(before["holdout"]))
     # more labels later, a reopened store, relabelling: no example changes split
-    more = [store.add("site-a", image(1000 + k), "cat", CLASSES, "upload") for k in range(30)]
-    store.add("site-a", image(0), "fox", CLASSES, "feedback")
+    more = [store.add("site-a", image(1000 + k), "cat", CLASSES, "upload").label_id for k in range(30)]
+    store.add("site-a", image(0), "fox", CLASSES, "feedback", trust=Trust.TRUSTED)  # a trusted correction
     reopened = LabelStore(home)
     assert _ids_by_split(reopened, ids) == before
     # the same data gives the same pixels in the same order
@@ -174,10 +176,12 @@ def test_import_folder_refuses_unknown_classes_before_storing_anything(store: La
 
 
 def test_labels_are_durable_rows_in_sqlite(store: LabelStore) -> None:
-    label_id = store.add("site-a", image(3, (40, 20)), "dog", CLASSES, "upload")
+    label_id = store.add("site-a", image(3, (40, 20)), "dog", CLASSES, "upload", sender="token:labeller-1").label_id
     with sqlite3.connect(store.path) as conn:
         row = conn.execute("SELECT adapter, label, source, width, height FROM labels WHERE id = ?", (label_id,))
         assert row.fetchone() == ("site-a", "dog", "upload", 40, 20)
+        row = conn.execute("SELECT trust, sender FROM labels WHERE id = ?", (label_id,))
+        assert row.fetchone() == (0, "token:labeller-1")
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -206,6 +210,264 @@ def test_data_add_command_imports_a_folder(tmp_path: Path, monkeypatch: pytest.M
     bad = CliRunner().invoke(app, ["add", "--adapter", "site-a", str(tmp_path / "nope"), "--base", str(base)])
     assert bad.exit_code == 2 and "error:" in bad.output
     assert LabelStore(home).count("site-a") == 3
+
+
+# --------------------------------------------------------------------------------------------- trust and conflicts
+
+U, T, A = Trust.UNTRUSTED, Trust.TRUSTED, Trust.ADMIN
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "outcome", "stored", "conflicted", "resolution"),
+    [
+        (("cat", U), ("cat", U), "same", ("cat", U), False, None),
+        (("cat", U), ("cat", T), "same", ("cat", T), False, None),
+        (("cat", T), ("cat", U), "same", ("cat", T), False, None),
+        (("cat", U), ("dog", T), "relabelled", ("dog", T), False, "replaced"),
+        (("cat", U), ("dog", A), "relabelled", ("dog", A), False, "replaced"),
+        (("cat", T), ("dog", A), "relabelled", ("dog", A), False, "replaced"),
+        (("cat", A), ("dog", A), "relabelled", ("dog", A), False, "replaced"),
+        (("cat", U), ("dog", U), "conflict", ("cat", U), True, "pending"),
+        (("cat", T), ("dog", T), "conflict", ("cat", T), True, "pending"),
+        (("cat", T), ("dog", U), "conflict", ("cat", T), False, "outranked"),
+        (("cat", A), ("dog", T), "conflict", ("cat", A), False, "outranked"),
+        (("cat", A), ("dog", U), "conflict", ("cat", A), False, "outranked"),
+    ],
+    ids=[
+        "same-label-same-trust",
+        "same-label-raises-trust",
+        "same-label-lower-trust-keeps-trust",
+        "higher-trust-relabels",
+        "admin-relabels-untrusted",
+        "admin-relabels-trusted",
+        "admin-overrides-admin",
+        "untrusted-vs-untrusted-conflicts",
+        "trusted-vs-trusted-conflicts",
+        "untrusted-vs-trusted-is-outranked",
+        "trusted-vs-admin-is-outranked",
+        "untrusted-vs-admin-is-outranked",
+    ],
+)
+def test_conflict_rules(
+    store: LabelStore, first: tuple, second: tuple, outcome: str, stored: tuple, conflicted: bool, resolution
+) -> None:
+    added = store.add("site-a", image(1), first[0], CLASSES, "upload", trust=first[1], sender="first")
+    assert (added.stored_label, added.outcome, added.conflicted) == (first[0], "added", False)
+    result = store.add("site-a", image(1), second[0], CLASSES, "feedback", trust=second[1], sender="second")
+    assert result.to_dict() == {
+        "label_id": added.label_id, "stored_label": stored[0], "outcome": outcome, "conflicted": conflicted,
+    }  # fmt: skip
+    record = store.get(added.label_id)
+    assert (record.label, record.trust, record.conflicted) == (stored[0], stored[1], conflicted)
+    assert record.sender == ("first" if (stored[0], stored[1]) == first else "second")
+    rows = store.conflicts("site-a", unresolved_only=False)
+    assert [r["resolution"] for r in rows] == ([resolution] if resolution else [])
+    if rows:
+        assert {k: rows[0][k] for k in ("label_id", "kept_label", "offered_label", "sender", "trust")} == {
+            "label_id": added.label_id, "kept_label": first[0], "offered_label": second[0], "sender": "second",
+            "trust": second[1].name.lower(),
+        }  # fmt: skip
+        assert (rows[0]["resolved_at"] is None) == (resolution == "pending")
+    summary = store.summary("site-a")
+    assert (summary["conflicts"], summary["conflicted"], summary["contradictions"]) == (
+        int(conflicted), int(conflicted), len(rows),
+    )  # fmt: skip
+    train, holdout = store.dataset("site-a", CLASSES)
+    assert len(train) + len(holdout) == (0 if conflicted else 1)  # a conflicted example: not trained, not held out
+    assert [h["outcome"] for h in store.history(added.label_id)] == ["added", outcome]
+
+
+@pytest.mark.parametrize(
+    ("settle", "stored", "settles"),
+    [
+        (("cat", T), "cat", True),
+        (("dog", T), "dog", True),
+        (("fox", A), "fox", True),
+        (("cat", U), "cat", False),
+        (("dog", U), "cat", False),
+    ],
+    ids=["higher-trust-confirms-kept", "higher-trust-picks-offered", "admin-picks-a-third", "same-trust-vote-no",
+         "same-trust-again-no"],
+)  # fmt: skip
+def test_a_higher_trust_label_settles_a_conflict(store: LabelStore, settle: tuple, stored: str, settles: bool) -> None:
+    label_id = store.add("site-a", image(1), "cat", CLASSES, "feedback").label_id
+    assert store.add("site-a", image(1), "dog", CLASSES, "feedback", sender="anonymous").conflicted
+    result = store.add("site-a", image(1), settle[0], CLASSES, "upload", trust=settle[1], sender="token:lab")
+    assert (result.stored_label, result.conflicted) == (stored, not settles)
+    assert store.get(label_id).conflicted is (not settles)
+    pending = store.conflicts("site-a")
+    everything = store.conflicts("site-a", unresolved_only=False)
+    first = everything[-1]  # newest first: the oldest contradiction is the one that made the conflict
+    assert (first["offered_label"], first["resolution"]) == ("dog", "settled" if settles else "pending")
+    assert (first["resolved_label"] == stored) is settles
+    assert len(pending) == (0 if settles else len(everything))
+    assert store.summary("site-a")["conflicts"] == len(pending)
+    assert len(store.dataset("site-a", CLASSES)[0].images + store.dataset("site-a", CLASSES)[1].images) == settles
+
+
+def test_conflicted_examples_are_listed_in_skipped_and_conflicts_are_newest_first(store: LabelStore) -> None:
+    ids = [store.add("site-a", image(k), "cat", CLASSES, "feedback").label_id for k in range(3)]
+    for k in range(3):
+        store.add("site-a", image(k), "dog", CLASSES, "feedback", prediction_id=f"p{k}")
+    train, holdout = store.dataset("site-a", CLASSES)
+    assert (len(train), len(holdout)) == (0, 0)
+    assert sorted(train.skipped) == sorted(f"{i} (conflicting labels)" for i in ids)
+    listed = store.conflicts("site-a", limit=2)
+    assert [c["prediction_id"] for c in listed] == ["p2", "p1"]
+    assert set(listed[0]) == {
+        "id", "label_id", "adapter", "kept_label", "kept_trust", "offered_label", "trust", "source", "sender",
+        "prediction_id", "at", "resolution", "resolved_label", "resolved_at",
+    }  # fmt: skip
+    assert store.conflicts("site-b") == []
+
+
+def test_add_refuses_unknown_trust_and_an_empty_sender(store: LabelStore) -> None:
+    with pytest.raises(LabelError) as err:
+        store.add("site-a", image(0), "cat", CLASSES, "feedback", trust=5)
+    assert str(err.value) == "unknown trust level 5; use one of untrusted (0), trusted (1), admin (2)"
+    with pytest.raises(LabelError, match="sender must say who sent the label"):
+        store.add("site-a", image(0), "cat", CLASSES, "feedback", sender="")
+    assert store.count("site-a") == 0
+
+
+def test_holdout_trust_keeps_lower_trust_labels_out_of_the_holdout_and_trains_on_them(store: LabelStore) -> None:
+    trusts = [(U, T, A)[k % 3] for k in range(120)]
+    ids = [store.add("site-a", image(k), "cat", CLASSES, "feedback", trust=t).label_id for k, t in enumerate(trusts)]
+    hashed = [store.split_of(i) == "holdout" for i in ids]
+    untrusted_holdout = sum(h and t == U for h, t in zip(hashed, trusts, strict=True))
+    assert untrusted_holdout > 0
+    every = store.load_split("site-a", CLASSES)  # None: the old behaviour, every label may be held out
+    assert (len(every.train), len(every.holdout)) == (hashed.count(False), hashed.count(True))
+    split = store.load_split("site-a", CLASSES, holdout_trust=Trust.TRUSTED)
+    assert len(split.holdout) == hashed.count(True) - untrusted_holdout
+    assert len(split.train) == hashed.count(False) + untrusted_holdout  # still trained on
+    assert min(split.holdout_trust) == Trust.TRUSTED and split.moved_to_train == untrusted_holdout
+    assert split.counts() == {
+        "labels_train": len(split.train), "labels_holdout": len(split.holdout), "labels_train_untrusted": 40,
+        "labels_holdout_trusted": len(split.holdout), "labels_conflicted": 0,
+        "labels_moved_to_train": untrusted_holdout,
+    }  # fmt: skip
+    admin_only = store.dataset("site-a", CLASSES, holdout_trust=Trust.ADMIN)[1]
+    assert len(admin_only) == sum(h and t == A for h, t in zip(hashed, trusts, strict=True))
+    summary = store.summary("site-a")
+    assert summary["per_trust"] == {"untrusted": 40, "trusted": 40, "admin": 40}
+    assert summary["trusted_holdout"] == len(split.holdout)
+    assert (store.count("site-a"), store.count("site-a", min_trust=Trust.TRUSTED)) == (120, 80)
+
+
+def test_import_folder_labels_are_trusted_and_follow_the_conflict_rules(store: LabelStore, tmp_path: Path) -> None:
+    folder = tmp_path / "labelled"
+    _write_folder(folder, {"cat": 2, "dog": 2})
+    feedback = store.add("site-a", image(0), "dog", CLASSES, "feedback")  # image(0) is cat/0.png: the import wins
+    report = store.import_folder("site-a", folder, CLASSES)
+    assert (report.added, report.updated, report.conflicts) == (3, 1, 0)
+    record = store.get(feedback.label_id)
+    assert (record.label, record.trust, record.sender) == ("cat", Trust.TRUSTED, "cli:data-add")
+    assert record.to_dict()["trust"] == "trusted"
+    relabelled = tmp_path / "relabelled"
+    _write_folder(relabelled, {"fox": 2})  # the same pixels as cat/, another trusted label: a conflict each
+    again = store.import_folder("site-a", relabelled, CLASSES)
+    assert (again.added, again.updated, again.conflicts) == (0, 0, 2)
+    assert store.summary("site-a")["conflicted"] == 2
+    admin = store.import_folder("site-a", relabelled, CLASSES, trust=Trust.ADMIN, sender="token:admin")
+    assert (admin.updated, admin.conflicts) == (2, 0)
+    assert store.summary("site-a")["conflicts"] == 0
+    assert store.get(feedback.label_id).sender == "token:admin"
+    assert [(h["trust"], h["sender"], h["outcome"]) for h in store.history(feedback.label_id)] == [
+        ("untrusted", "anonymous", "added"),
+        ("trusted", "cli:data-add", "relabelled"),
+        ("trusted", "cli:data-add", "conflict"),
+        ("admin", "token:admin", "relabelled"),
+    ]
+
+
+_OLD_SCHEMA = """
+CREATE TABLE labels (
+    id TEXT PRIMARY KEY,
+    adapter TEXT NOT NULL,
+    label TEXT NOT NULL,
+    source TEXT NOT NULL,
+    prediction_id TEXT,
+    split TEXT CHECK (split IS NULL OR split IN ('train', 'holdout')),
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    png BLOB NOT NULL
+);
+CREATE INDEX labels_by_adapter ON labels (adapter, updated_at);
+CREATE INDEX labels_by_prediction ON labels (prediction_id) WHERE prediction_id IS NOT NULL;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    label_id TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    label TEXT NOT NULL,
+    source TEXT NOT NULL,
+    prediction_id TEXT,
+    at REAL NOT NULL
+);
+"""  # labels.db as the store wrote it before it recorded trust, senders and conflicts
+
+
+def _old_labels_db(home: Path) -> dict[str, str]:
+    """A labels.db built with the old schema: a feedback label and an imported one (ids by source)."""
+    import io
+
+    home.mkdir(parents=True)
+    ids = {}
+    with sqlite3.connect(home / "labels.db") as conn:
+        conn.executescript(_OLD_SCHEMA)
+        old = [("feedback:p1", "cat", "p1", None), ("import:/data/v", "dog", None, "holdout")]
+        for k, (source, label, prediction_id, split) in enumerate(old):
+            im = image(k)
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            ids[source.split(":")[0]] = label_id = example_id("site-a", im)
+            row = (label_id, "site-a", label, source, prediction_id, split, 10.0, 10.0, 16, 16, buf.getvalue())
+            conn.execute("INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            event = (label_id, label, source, prediction_id)
+            conn.execute("INSERT INTO events VALUES (NULL, ?, 'site-a', ?, ?, ?, 10.0)", event)
+    return ids
+
+
+def test_an_old_labels_db_is_migrated_at_open(tmp_path: Path) -> None:
+    home = tmp_path / "old"
+    ids = _old_labels_db(home)
+    store = LabelStore(home)
+    assert store.migrated == ["labels.trust", "labels.sender", "events.trust", "events.sender", "events.outcome"]
+    old_feedback, old_import = store.get(ids["feedback"]), store.get(ids["import"])
+    assert (old_feedback.label, old_feedback.trust, old_feedback.sender) == ("cat", Trust.UNTRUSTED, "legacy")
+    assert (old_import.label, old_import.trust, old_import.split) == ("dog", Trust.TRUSTED, "holdout")
+    assert [(h["trust"], h["sender"], h["outcome"]) for h in store.history(ids["import"])] == [
+        ("trusted", "legacy", None)
+    ]
+    # the old rows follow the new rules, and the new tables work
+    assert store.add("site-a", image(1), "fox", CLASSES, "feedback").outcome == "conflict"  # outranked by the import
+    assert store.add("site-a", image(0), "fox", CLASSES, "feedback").conflicted  # same trust as old feedback
+    assert store.summary("site-a")["per_trust"] == {"untrusted": 1, "trusted": 1, "admin": 0}
+    holdout = store.dataset("site-a", CLASSES, holdout_trust=Trust.TRUSTED)[1]
+    assert [holdout.classes[k] for k in holdout.labels] == ["dog"]
+    assert LabelStore(home).migrated == []  # once
+    with sqlite3.connect(store.path) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(labels)")]
+    fresh = LabelStore(tmp_path / "fresh")
+    with sqlite3.connect(fresh.path) as conn:
+        assert [r[1] for r in conn.execute("PRAGMA table_info(labels)")] == columns  # one shape, old or new
+
+
+def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.labels as labels
+
+    home = tmp_path / "old"
+    ids = _old_labels_db(home)
+    broken = dict(labels._ADDED_COLUMNS, events=(("trust", "INTEGER NOT NULL DEFAULT 0"), ("bad", "NOT A TYPE ((")))
+    with monkeypatch.context() as patch:
+        patch.setattr(labels, "_ADDED_COLUMNS", broken)
+        with pytest.raises(sqlite3.OperationalError):
+            LabelStore(home)  # labels.trust and labels.sender were added before events.bad failed
+    with sqlite3.connect(home / "labels.db") as conn:
+        assert "trust" not in [r[1] for r in conn.execute("PRAGMA table_info(labels)")]  # rolled back, all of it
+    assert LabelStore(home).get(ids["import"]).trust == Trust.TRUSTED
 
 
 # --------------------------------------------------------------------------------------------- InputCache

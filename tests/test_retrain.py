@@ -10,7 +10,7 @@ import pytest
 
 from models.registry import open_registry
 from pipelines.data import digits_splits
-from pipelines.labels import LabelStore
+from pipelines.labels import LabelStore, Trust
 from pipelines.retrain import RetrainConfig, RetrainError, gate, retrain
 from pipelines.shifts import shift_set
 
@@ -19,15 +19,21 @@ pytestmark = pytest.mark.slow
 CLASSES = [str(i) for i in range(10)]
 
 
-def add_shifted_labels(home: Path, n: int, adapter: str = "site", shuffle: bool = False) -> LabelStore:
-    """`n` noisy digits (gaussian noise, severity 5) labelled for `adapter`, as feedback would store them."""
+def add_shifted_labels(
+    home: Path, n: int, adapter: str = "site", shuffle: bool = False, trust: Trust = Trust.TRUSTED
+) -> LabelStore:
+    """`n` noisy digits (gaussian noise, severity 5) labelled for `adapter`, as a trusted labeller's feedback would
+    store them (`trust`: untrusted ones never reach the gate's holdout)."""
     train = digits_splits(32, seed=0).train
     idx = np.random.default_rng(0).permutation(len(train))[:n]
     shifted = shift_set(train.subset(idx), "gaussian_noise", 5, seed=0)
     labels = np.random.default_rng(1).permutation(shifted.labels) if shuffle else shifted.labels
     store = LabelStore(home)
     for k, (image, y) in enumerate(zip(shifted.images, labels, strict=True)):
-        store.add(adapter, image, CLASSES[int(y)], CLASSES, "feedback", prediction_id=f"p{k}")
+        store.add(
+            adapter, image, CLASSES[int(y)], CLASSES, "feedback", prediction_id=f"p{k}", trust=trust,
+            sender="token:labeller-1" if trust else "anonymous",
+        )  # fmt: skip
     return store
 
 
@@ -66,12 +72,34 @@ def test_config_rejects_bad_values() -> None:
         RetrainConfig(lora_targets="most")
     with pytest.raises(ValueError, match="margin and max_source_drop are points"):
         RetrainConfig(margin=-1)
+    with pytest.raises(ValueError) as err:
+        RetrainConfig(holdout_trust="all")
+    assert str(err.value) == (
+        "unknown holdout_trust 'all'; choose trusted (the gate checks on trusted labels only) or any (on open "
+        "feedback too)"
+    )
+    assert RetrainConfig().holdout_trust == "trusted"
 
 
 def test_too_few_labels_is_a_clear_error(tmp_path: Path, source_model: Path) -> None:
     add_shifted_labels(tmp_path, 12)
     with pytest.raises(RetrainError, match=r"adapter 'site' has \d+ training and \d+ holdout labels; a retrain needs"):
         retrain(tmp_path, "site", base_dir=source_model, cfg=tiny(min_labels=50))
+    assert open_registry(tmp_path).list_adapters() == []
+
+
+def test_untrusted_labels_alone_leave_the_gate_without_a_holdout(tmp_path: Path, source_model: Path) -> None:
+    store = add_shifted_labels(tmp_path, 60, trust=Trust.UNTRUSTED)
+    moved = len(store.dataset("site", CLASSES)[1])  # what the old, trust-blind gate would have graded on
+    with pytest.raises(RetrainError) as err:
+        retrain(tmp_path, "site", base_dir=source_model, cfg=tiny())
+    assert str(err.value) == (
+        "adapter 'site' has 60 training and 0 holdout labels; a retrain needs at least 20 and 10 "
+        "(RetrainConfig.min_labels / min_holdout). The gate's holdout takes trusted labels only "
+        f"(holdout_trust='trusted'; {moved} untrusted holdout-split label(s) went to training, 0 conflicted one(s) "
+        "were left out): add trusted holdout labels with `adaptserve data add DIR --adapter site` "
+        "(DIR/val/<class>/<image> all go to the holdout), or label with an admin or trusted-labeller token"
+    )
     assert open_registry(tmp_path).list_adapters() == []
 
 
@@ -95,6 +123,8 @@ def test_new_adapter_is_trained_from_the_base_gated_and_promoted(tmp_path: Path,
     assert n["challenger_target_acc"] >= n["champion_target_acc"] + 0.01  # champion = the base model
     assert n["champion_source_acc"] - n["challenger_source_acc"] <= 0.03
     assert n["labels_train"] + n["labels_holdout"] == 150 and n["replay"] > 0
+    assert (n["labels_holdout_trusted"], n["labels_train_untrusted"]) == (n["labels_holdout"], 0)
+    assert n["holdout_trust"] == "trusted"
     registry = open_registry(tmp_path)
     champion = registry.champion("site")
     assert champion.version == 1
