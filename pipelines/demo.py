@@ -4,7 +4,11 @@ A site adapter is trained on clean digits and registered; clean traffic flows; t
 (a shift) and a fraction of predictions get feedback labels. Nothing else is driven by the demo: the service's
 drift monitor flags the shift, the job runner's drift policy starts a retrain job, the gate promotes the
 challenger and every worker hot-swaps it. The demo watches, prints a timeline, and writes demo-report.html and
-a PNG chart (accuracy and drift score over requests, with drift / job / promotion markers).
+a PNG chart (accuracy and drift score over the images served, with drift / job / promotion markers).
+
+The shifted traffic goes on until the story has an outcome: a response from a new version (then
+`after_promote_requests` more requests measure the recovery), or a job of the adapter ending rejected or failed (the
+gate kept the champion: stop). The only other end is the time limit, and the result then says what was still missing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import os
 import socket
@@ -21,7 +26,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +44,14 @@ DEMO_ENV = {
 }
 
 
+OUTCOMES = ("promoted", "rejected", "failed", "timeout")
+
+
 @dataclass
 class Event:
-    request: int
+    image: int  # images served before it (the chart's x axis)
     at: float
-    kind: str  # drift | job | promote | rejected | failed | phase
+    kind: str  # drift | job | promote | rejected | failed | timeout | phase
     text: str
 
 
@@ -52,14 +60,14 @@ class Timeline:
     correct: list[int] = field(default_factory=list)  # 1/0 per image, in request order
     versions: list[int] = field(default_factory=list)
     phase: list[str] = field(default_factory=list)
-    drift: list[tuple[int, float]] = field(default_factory=list)  # (request, score)
+    drift: list[tuple[int, float]] = field(default_factory=list)  # (images served, score)
     events: list[Event] = field(default_factory=list)
     start: float = field(default_factory=time.monotonic)
 
     def add(self, kind: str, text: str, say: Callable[[str], None]) -> None:
         e = Event(len(self.correct), time.monotonic() - self.start, kind, text)
         self.events.append(e)
-        say(f"[{e.at:6.1f}s] request {e.request:5d}  {kind:8s} {text}")
+        say(f"[{e.at:6.1f}s] image {e.image:5d}  {kind:8s} {text}")
 
     def accuracy(self, phase: str, since: int = 0) -> float | None:
         pairs = enumerate(zip(self.correct, self.phase, strict=True))
@@ -68,6 +76,9 @@ class Timeline:
 
 
 class Client:
+    """The demo's HTTP client. It plays the operator: `token` (an admin token) goes with register and with every
+    /feedback post, so its labels are trusted ones."""
+
     def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
         import httpx
 
@@ -105,17 +116,26 @@ def _b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def start_service(home: Path, base: Path, port: int, token: str, extra_env: dict[str, str]) -> subprocess.Popen:
+def local_url(host: str, port: int) -> str:
+    """Where a client on this machine reaches a service bound to `host` (a wildcard address means loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def start_service(
+    home: Path, base: Path, port: int, token: str, extra_env: dict[str, str], host: str = "127.0.0.1"
+) -> subprocess.Popen:
+    """`bentoml serve` of the service on `host`:`port`; loopback by default, since its admin token is the demo's."""
     env = dict(os.environ, ADAPTSERVE_HOME=str(home), ADAPTSERVE_BASE_MODEL=str(base), ADAPTSERVE_ADMIN_TOKEN=token)
     env.update(extra_env)
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--port", str(port)]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--host", host, "--port", str(port)]
     log = open(home / "demo-service.log", "ab")  # noqa: SIM115 - the child process owns it
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -153,13 +173,13 @@ class DemoConfig:
     shift: str = "gaussian_noise"
     severity: int = 3
     clean_requests: int = 200
-    max_shifted_requests: int = 3000
-    after_promote_requests: int = 250
+    after_promote_requests: int = 250  # after the promotion, to measure the recovery (not bounded by timeout_s)
     images_per_request: int = 2
     feedback_fraction: float = 0.5
     adapter_epochs: int = 3
     seed: int = 0
-    timeout_s: float = 420.0
+    timeout_s: float = 420.0  # the shifted traffic's limit: waiting for drift, labels, the job and the promotion
+    min_labels: int | None = None  # the service's ADAPTSERVE_RETRAIN_MIN_LABELS if known (to say what is missing)
 
 
 def _stream(client: Client, tl: Timeline, cfg: DemoConfig, images, labels, phase: str, state: dict) -> None:
@@ -171,10 +191,12 @@ def _stream(client: Client, tl: Timeline, cfg: DemoConfig, images, labels, phase
         tl.versions.append(r["version"])
         tl.phase.append(phase)
         if phase == "shifted" and state["rng"].random() < cfg.feedback_fraction:
-            client.post("/feedback", {"id": p["id"], "label": str(y)})
+            sent = client.post("/feedback", {"id": p["id"], "label": str(y)}, admin=True)
             state["labels"] += 1
-    if state.get("version") not in (None, r["version"]):
+            state["label_count"] = sent.get("labels", state["labels"])  # what the service holds for the adapter
+    if state.get("version") not in (None, r["version"]) and "promoted_at" not in state:
         state["promoted_at"] = len(tl.correct)
+        state["outcome"] = "promoted"
         tl.add("promote", f"responses now come from v{r['version']} (was v{state['version']})", state["say"])
     state["version"] = r["version"]
 
@@ -182,6 +204,7 @@ def _stream(client: Client, tl: Timeline, cfg: DemoConfig, images, labels, phase
 def _watch(client: Client, tl: Timeline, cfg: DemoConfig, state: dict) -> None:
     """Poll the drift status and the jobs: the demo only observes what the system decides."""
     drift = client.get("/drift", adapter=cfg.adapter)
+    state["last_drift"] = drift or state.get("last_drift")
     if drift and drift.get("checked_at") != state.get("checked_at"):
         state["checked_at"] = drift["checked_at"]
         tl.drift.append((len(tl.correct), float(drift["score"])))
@@ -190,14 +213,42 @@ def _watch(client: Client, tl: Timeline, cfg: DemoConfig, state: dict) -> None:
             tl.add("drift", f"score {drift['score']:.1f} >= {drift['threshold']:.1f}; moved: {', '.join(moved)}",
                    state["say"])
         state["drifting"] = bool(drift["drift"])
-    jobs = (client.get("/jobs", adapter=cfg.adapter) or {}).get("jobs", [])
-    for job in jobs:
-        seen = state["jobs"].get(job["id"])
-        if seen != job["state"]:
+    jobs = [j for j in _jobs(client, cfg) if j["id"] not in state["old_jobs"]]  # newest first
+    for job in reversed(jobs):
+        if state["jobs"].get(job["id"]) != job["state"]:
             state["jobs"][job["id"]] = job["state"]
             kind = {"rejected": "rejected", "failed": "failed"}.get(job["state"], "job")
-            numbers = job.get("result") or {}
-            tl.add(kind, f"job {job['id'][:8]} ({job['trigger']}) {job['state']} {_numbers(numbers)}", state["say"])
+            text = " ".join(filter(None, [f"job {job['id'][:8]} ({job['trigger']}) {job['state']}",
+                                          _numbers(job.get("result") or {})]))
+            why = f": {job['error']}" if job["state"] == "failed" and job.get("error") else ""
+            tl.add(kind, text + why, state["say"])
+            if kind != "job" and state.get("outcome") is None:
+                state["outcome"] = kind  # the gate (or the job) kept the champion: the story ends here
+    state["job"] = jobs[0] if jobs else None
+
+
+def _jobs(client: Client, cfg: DemoConfig) -> list[dict]:
+    return (client.get("/jobs", adapter=cfg.adapter) or {}).get("jobs", [])
+
+
+def _waiting_for(cfg: DemoConfig, state: dict) -> str:
+    """What the loop still lacked when time ran out, in the order the system needs it."""
+    job, drift = state.get("job"), state.get("last_drift")
+    if job is not None and job["state"] in ("queued", "running"):
+        message = f": {job['message']}" if job.get("message") else ""
+        return f"waiting for job {job['id'][:8]} ({job['state']}, {job['progress']:.0%}{message})"
+    if job is not None and job["state"] == "succeeded":
+        return f"waiting for a response from the version job {job['id'][:8]} promoted (it succeeded)"
+    if drift is None:
+        return f"waiting for the first drift check of {cfg.adapter!r}"
+    if not drift.get("drift"):
+        return (f"waiting for the drift check to flag the shift (last score {float(drift['score']):.1f} < "
+                f"{float(drift['threshold']):.1f})")
+    have = state.get("label_count", state["labels"])
+    if cfg.min_labels is not None and have < cfg.min_labels:
+        return f"waiting for {cfg.min_labels} labels (have {have})"
+    return (f"waiting for the job runner's drift policy to start a job (drift flagged, {have} labels; is a job runner "
+            "running, or is a drift job of this adapter within the cooldown?)")
 
 
 def _numbers(result: dict) -> str:
@@ -207,12 +258,17 @@ def _numbers(result: dict) -> str:
     return ("(" + ", ".join(parts) + ")") if parts else ""
 
 
+def new_state(client: Client, cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """What the demo tracks while it streams; jobs the adapter already had (a --url service) are not this story."""
+    old_jobs = {j["id"] for j in _jobs(client, cfg)}
+    return {"rng": np.random.default_rng(cfg.seed), "labels": 0, "jobs": {}, "old_jobs": old_jobs, "say": say}
+
+
 def run_demo(client: Client, base: Path, cfg: DemoConfig, say: Callable[[str], None], work: Path) -> dict:
     from pipelines.data import digits_splits
     from pipelines.shifts import shift_set
 
-    tl = Timeline()
-    state: dict[str, Any] = {"rng": np.random.default_rng(cfg.seed), "labels": 0, "jobs": {}, "say": say}
+    tl, state = Timeline(), new_state(client, cfg, say)
     tl.add("phase", f"training site adapter {cfg.adapter!r} on clean digits", say)
     adapter_dir = train_site_adapter(base, work / "site-adapter", cfg.adapter_epochs, cfg.seed)
     reg = client.register(cfg.adapter, adapter_dir)
@@ -231,18 +287,34 @@ def run_demo(client: Client, base: Path, cfg: DemoConfig, say: Callable[[str], N
     onset = len(tl.correct)
     tl.add("phase", f"camera degrades: {cfg.shift} severity {cfg.severity}; "
                     f"feedback on {cfg.feedback_fraction:.0%} of predictions", say)
-    deadline = time.monotonic() + cfg.timeout_s
-    i = 0
-    while i < cfg.max_shifted_requests and time.monotonic() < deadline:
+    shifted_phase(client, tl, cfg, pool, state)
+    return summarize(tl, cfg, onset, state)
+
+
+def shifted_phase(client: Client, tl: Timeline, cfg: DemoConfig, pool, state: dict) -> None:
+    """Degraded traffic until an outcome: promoted (then `after_promote_requests` more, however long they take),
+    rejected or failed (stop at once), or the time limit (say what was missing). No request cap: how many requests
+    the drift check and the labels need varies from run to run, the time limit is what the user set."""
+    deadline, n = time.monotonic() + cfg.timeout_s, cfg.images_per_request
+    for i in itertools.count():
         idx = [(i * n + j) % len(pool) for j in range(n)]
         _stream(client, tl, cfg, [pool.images[k] for k in idx], [pool.labels[k] for k in idx], "shifted", state)
         if i % 10 == 9:
             _watch(client, tl, cfg, state)
-        if "promoted_at" in state and len(tl.correct) - state["promoted_at"] >= cfg.after_promote_requests * n:
+        if state.get("outcome") == "promoted":
+            if len(tl.correct) - state["promoted_at"] >= cfg.after_promote_requests * n:
+                break
+        elif state.get("outcome") is not None:
             break
-        i += 1
+        elif time.monotonic() >= deadline:
+            _watch(client, tl, cfg, state)  # a job may have ended since the last look
+            if state.get("outcome") is None:
+                state["outcome"], state["waiting_for"] = "timeout", _waiting_for(cfg, state)
+                tl.add("timeout", f"no outcome within {cfg.timeout_s:.0f} s: {state['waiting_for']}", state["say"])
+            break
     _watch(client, tl, cfg, state)
-    return summarize(tl, cfg, onset, state)
+    if state["outcome"] in ("rejected", "failed"):
+        state["say"](f"the {state['outcome']} job kept champion v{state['version']}: the demo stops here")
 
 
 def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
@@ -251,7 +323,7 @@ def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
     shifted = float(np.mean(tl.correct[onset:promoted_at])) if promoted_at and promoted_at > onset else (
         tl.accuracy("shifted"))
     recovered = tl.accuracy("shifted", since=promoted_at) if promoted_at else None
-    first = {k: next((e.request - onset for e in tl.events if e.kind == k and e.request >= onset), None)
+    first = {k: next((e.image - onset for e in tl.events if e.kind == k and e.image >= onset), None)
              for k in ("drift", "job", "promote")}
     lost = (clean or 0) - (shifted or 0)
     return {
@@ -266,6 +338,8 @@ def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
         "job_after_images": first["job"],
         "promoted_after_images": first["promote"],
         "promoted": promoted_at is not None,
+        "outcome": state.get("outcome") or "timeout",
+        "waiting_for": state.get("waiting_for"),
         "seconds": round(time.monotonic() - tl.start, 1),
         "timeline": tl,
     }
@@ -295,11 +369,11 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
         ax2.plot(xs, ys, color="tab:orange", marker=".", label="drift score (-log10 p)")
         ax2.set_ylabel("drift score")
     colours = {"drift": "tab:red", "job": "tab:purple", "promote": "tab:green", "rejected": "black",
-               "failed": "black", "phase": "grey"}
+               "failed": "black", "timeout": "black", "phase": "grey"}
     for e in tl.events:
         if e.kind != "phase" or "degrades" in e.text:
-            ax.axvline(e.request, color=colours.get(e.kind, "grey"), linestyle="--", linewidth=1)
-            ax.text(e.request, 1.02, e.kind if e.kind != "phase" else "shift", rotation=90, fontsize=8,
+            ax.axvline(e.image, color=colours.get(e.kind, "grey"), linestyle="--", linewidth=1)
+            ax.text(e.image, 1.02, e.kind if e.kind != "phase" else "shift", rotation=90, fontsize=8,
                     va="bottom", color=colours.get(e.kind, "grey"))
     ax.legend(loc="lower left")
     ax.set_title(f"adaptserve demo: {result['adapter']} under {result['shift']}")
@@ -308,7 +382,7 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     rows = "".join(
-        f"<tr><td>{e.at:.1f}</td><td>{e.request}</td><td>{html.escape(e.kind)}</td><td>{html.escape(e.text)}</td></tr>"
+        f"<tr><td>{e.at:.1f}</td><td>{e.image}</td><td>{html.escape(e.kind)}</td><td>{html.escape(e.text)}</td></tr>"
         for e in tl.events
     )
     numbers = {k: v for k, v in result.items() if k != "timeline"}
@@ -317,7 +391,7 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{padding:2px 10px;text-align:left}}
 tr:nth-child(even){{background:#f4f4f4}}pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <h1>adaptserve demo</h1>
-<img alt="accuracy and drift score over requests" src="data:image/png;base64,{chart}">
+<img alt="accuracy and drift score over the images served" src="data:image/png;base64,{chart}">
 <h2>Numbers</h2><pre>{html.escape(json.dumps(numbers, indent=2))}</pre>
 <h2>Timeline</h2><table><tr><th>seconds</th><th>image</th><th>event</th><th>what</th></tr>{rows}</table>
 </body></html>"""
@@ -334,8 +408,11 @@ def demo(
     out_dir: Path,
     say: Callable[[str], None] = print,
     home: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
 ) -> dict:
-    """Run the demo against `url`, or start a service of its own (in `home`, default a temp dir) and stop it."""
+    """Run the demo against `url`, or start a service of its own (in `home`, default a temp dir; on `host`:`port`,
+    default loopback and a free port) and stop it."""
     proc = None
     with tempfile.TemporaryDirectory(prefix="adaptserve-demo-") as tmp:
         if url is None:
@@ -344,10 +421,12 @@ def demo(
             home = home or Path(tmp) / "home"
             home.mkdir(parents=True, exist_ok=True)
             token = token or secrets.token_urlsafe(16)
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            say(f"starting a service on {url} (state in {home})")
-            proc = start_service(home, base, port, token, DEMO_ENV)
+            port = port or free_port()
+            url = local_url(host, port)
+            say(f"starting a service on {url} (bound to {host}; state in {home})")
+            proc = start_service(home, base, port, token, DEMO_ENV, host=host)
+            if cfg.min_labels is None:
+                cfg = replace(cfg, min_labels=int(DEMO_ENV["ADAPTSERVE_RETRAIN_MIN_LABELS"]))
         client = Client(url, token)
         try:
             wait_ready(client, proc)

@@ -158,15 +158,23 @@ _SCHEDULE_COLUMNS = "id, adapter, cron, created_at, last_run_at, next_run_at"
 
 
 class JobError(Exception):
-    """Base class so callers (HTTP routes, CLI) can catch every job/schedule refusal with one except clause."""
+    """Base class so callers (HTTP routes, CLI) can catch every job/schedule refusal with one except clause.
+
+    `status_code` is the HTTP status a service answers with (service/errors.py reads it)."""
+
+    status_code = 400
 
 
 class UnknownAdapterJobError(JobError, LookupError):
     """A job or schedule named an adapter the registry does not hold (HTTP 404)."""
 
+    status_code = 404
+
 
 class DuplicateJobError(JobError):
     """The adapter already has a queued or running job (HTTP 409); ``existing_id`` names it."""
+
+    status_code = 409
 
     def __init__(self, existing: Job) -> None:
         self.existing_id = existing.id
@@ -181,6 +189,11 @@ class DuplicateJobError(JobError):
 class JobNotFoundError(JobError, LookupError):
     """No job with that id (HTTP 404)."""
 
+    status_code = 404
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 class ScheduleError(JobError, ValueError):
     """An invalid cron expression (HTTP 400 / 422)."""
@@ -189,13 +202,22 @@ class ScheduleError(JobError, ValueError):
 class DuplicateScheduleError(JobError, ValueError):
     """The adapter already has a schedule with the same cron expression (HTTP 409; a ValueError for 400 handlers)."""
 
+    status_code = 409
+
 
 class ScheduleNotFoundError(JobError, LookupError):
     """No schedule with that id (HTTP 404)."""
 
+    status_code = 404
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 class RunnerLockedError(JobError):
     """Another job runner already serves this home."""
+
+    status_code = 409
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -652,7 +674,7 @@ class ScheduleStore(_Database):
         """Ids from a URL path arrive as strings: '3' finds schedule 3, anything that is not an integer finds none."""
         key = int(schedule_id) if isinstance(schedule_id, str) and schedule_id.strip().isdigit() else schedule_id
         row = None
-        if isinstance(key, int) and not isinstance(key, bool):
+        if isinstance(key, int) and not isinstance(key, bool) and 0 < key < 2**63:  # SQLite raises past 64 bits
             row = conn.execute(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE id = ?", (key,)).fetchone()
         if row is None:
             ids = [i for (i,) in conn.execute("SELECT id FROM schedules ORDER BY id")]
@@ -796,19 +818,52 @@ class DriftPolicy:
 # --------------------------------------------------------------------------------------------- runner lock
 
 
-def _read_pid(path: Path) -> int | None:
+SUPERVISED_MARK = "supervised"
+
+
+@dataclass(frozen=True)
+class RunnerLockHolder:
+    """What <home>/runner.lock says about the runner holding it: ``PID`` (started by hand) or
+    ``PID supervised SUPERVISOR_PID`` (started by a serving worker's RunnerSupervisor, which was SUPERVISOR_PID)."""
+
+    pid: int
+    supervised: bool = False
+    supervisor_pid: int | None = None
+
+    def line(self) -> str:
+        fields = [self.pid, SUPERVISED_MARK, self.supervisor_pid] if self.supervised else [self.pid]
+        return " ".join(str(f) for f in fields if f is not None) + "\n"
+
+    @classmethod
+    def parse(cls, text: str) -> RunnerLockHolder | None:
+        """The first line only (a reader may catch a rewrite halfway); None for anything but those two forms."""
+        fields = text.partition("\n")[0].split()
+        if not fields or not fields[0].isdigit():
+            return None
+        supervised = fields[1:2] == [SUPERVISED_MARK]
+        supervisor = int(fields[2]) if supervised and len(fields) > 2 and fields[2].isdigit() else None
+        return cls(int(fields[0]), supervised, supervisor)
+
+
+def _read_holder(path: Path) -> RunnerLockHolder | None:
     try:
-        text = path.read_text().strip()
+        return RunnerLockHolder.parse(path.read_text())
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+
+
+def _read_pid(path: Path) -> int | None:
+    holder = _read_holder(path)
+    return None if holder is None else holder.pid
 
 
 @contextmanager
-def hold_runner_lock(home: str | Path, wait_s: float = 2.0) -> Iterator[Path]:
+def hold_runner_lock(home: str | Path, wait_s: float = 2.0, supervised: bool = False) -> Iterator[Path]:
     """Exclusive flock on <home>/runner.lock for as long as the runner lives; the kernel drops it on kill -9.
 
-    Waits up to ``wait_s`` so a momentary probe by ``runner_pid`` never makes a starting runner give up."""
+    Waits up to ``wait_s`` so a momentary probe by ``runner_pid`` never makes a starting runner give up.
+    ``supervised``: a RunnerSupervisor (our parent process) started this runner, and a service that adopts it may
+    stop it; the lock file says so (see RunnerLockHolder)."""
     path = Path(home).expanduser().absolute() / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -826,8 +881,9 @@ def hold_runner_lock(home: str | Path, wait_s: float = 2.0) -> Iterator[Path]:
                         f"{path.parent}: it holds {path}; run one runner per ADAPTSERVE_HOME"
                     ) from None
                 time.sleep(0.05)
+        holder = RunnerLockHolder(os.getpid(), supervised, os.getppid() if supervised else None)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, holder.line().encode(), 0)
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the flock
@@ -835,6 +891,12 @@ def hold_runner_lock(home: str | Path, wait_s: float = 2.0) -> Iterator[Path]:
 
 def runner_pid(home: str | Path) -> int | None:
     """Pid of the job runner serving this home, or None if none runs (a shared-lock probe, held for microseconds)."""
+    holder = runner_holder(home)
+    return None if holder is None else holder.pid
+
+
+def runner_holder(home: str | Path) -> RunnerLockHolder | None:
+    """The job runner holding this home's lock (pid -1 while it has not written its line yet), or None."""
     path = Path(home).expanduser().absolute() / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -843,7 +905,7 @@ def runner_pid(home: str | Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _read_pid(path) or -1
+        return _read_holder(path) or RunnerLockHolder(-1)
     else:
         return None
     finally:
@@ -882,7 +944,8 @@ class JobRunner:
     ``job_fn(home, adapter, base_dir=..., progress=callback)`` and returns something with ``status`` 'promoted' or
     'rejected' (and ``to_dict()``) or raises; default ``pipelines.retrain:retrain``. ``policy_interval_s=None``
     turns drift-started jobs off; ``known_adapters`` replaces the registry lookup (tests); ``lock_wait_s`` is how
-    long a second runner waits for the lock before RunnerLockedError.
+    long a second runner waits for the lock before RunnerLockedError; ``supervised`` marks a runner started by a
+    service's RunnerSupervisor in the lock file, so the service that finds it there stops it with itself.
     """
 
     def __init__(
@@ -895,9 +958,11 @@ class JobRunner:
         policy_interval_s: float | None = 10.0,
         known_adapters: KnownAdapters = None,
         lock_wait_s: float = 2.0,
+        supervised: bool = False,
     ) -> None:
         self.home = Path(home).expanduser().absolute()
         self.lock_wait_s = lock_wait_s
+        self.supervised = supervised
         self.base_dir = None if base_dir is None else Path(base_dir)
         self.poll_s = poll_s
         self.job_fn = DEFAULT_JOB_FN if job_fn is None else callable_path(job_fn)
@@ -921,7 +986,7 @@ class JobRunner:
 
     @contextmanager
     def _session(self, scheduler: bool) -> Iterator[None]:
-        with hold_runner_lock(self.home, self.lock_wait_s):
+        with hold_runner_lock(self.home, self.lock_wait_s, supervised=self.supervised):
             failed = self.jobs.fail_orphans(self.runner_id)
             if failed:
                 log.warning("marked %d job(s) of a dead runner failed: %s", len(failed), ", ".join(failed))

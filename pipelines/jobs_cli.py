@@ -73,6 +73,14 @@ def runner_command(
     drift_interval: Annotated[float, typer.Option(help="seconds between drift-policy evaluations")] = 10.0,
     drift: Annotated[bool, typer.Option(help="start jobs when the drift policy says so")] = True,
     once: Annotated[bool, typer.Option(help="run the queued jobs, then exit (no schedules, no drift)")] = False,
+    supervised: Annotated[
+        bool,
+        typer.Option(
+            "--supervised",
+            help="started by a service (its RunnerSupervisor does this): a service that finds this runner holding the "
+            "lock stops it when the service stops. Leave it off when you start a runner yourself: then it is yours",
+        ),
+    ] = False,
 ) -> None:
     """Run the job runner in the foreground: schedules, drift policy, and queued jobs (one at a time, each in its
     own process). One runner per ADAPTSERVE_HOME; stop it with Ctrl-C or SIGTERM."""
@@ -82,7 +90,13 @@ def runner_command(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
     base = base or (Path(os.environ["ADAPTSERVE_BASE_MODEL"]) if os.environ.get("ADAPTSERVE_BASE_MODEL") else None)
-    runner = JobRunner(paths.home(), base_dir=base, poll_s=poll, policy_interval_s=drift_interval if drift else None)
+    runner = JobRunner(
+        paths.home(),
+        base_dir=base,
+        poll_s=poll,
+        policy_interval_s=drift_interval if drift else None,
+        supervised=supervised,
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())
     try:

@@ -45,6 +45,7 @@ from pipelines.jobs import (
     JobRunner,
     JobStore,
     RunnerLockedError,
+    RunnerLockHolder,
     ScheduleError,
     ScheduleNotFoundError,
     ScheduleStore,
@@ -421,6 +422,37 @@ def test_stopping_the_runner_ends_a_running_job_failed(home: Path, store: JobSto
     assert STOPPED_ERROR == "job runner was stopped while this job ran; the champion was not changed"
     assert not alive(int((home / SLOW_STARTED).read_text()))
     assert runner_pid(home) is None
+
+
+# --------------------------------------------------------------------------------------------- runner lock file
+
+LOCK_LINES = [
+    pytest.param("4242\n", RunnerLockHolder(4242), id="by-hand-and-the-old-format"),
+    pytest.param("4242 supervised 17\n", RunnerLockHolder(4242, True, 17), id="supervised"),
+    pytest.param("4242 supervised\n", RunnerLockHolder(4242, True, None), id="supervised-supervisor-unknown"),
+    pytest.param("56\n2 supervised 17\n", RunnerLockHolder(56), id="caught-halfway-through-a-rewrite"),
+    pytest.param("", None, id="empty"),
+    pytest.param("pid?\n", None, id="junk"),
+]
+
+
+@pytest.mark.parametrize(("text", "holder"), LOCK_LINES)
+def test_lock_file_line_parses_old_and_supervised_forms(text: str, holder: RunnerLockHolder | None) -> None:
+    assert RunnerLockHolder.parse(text) == holder
+    if holder is not None and text.count("\n") == 1:
+        assert holder.line() == text, "what the runner writes reads back the same"
+
+
+@pytest.mark.parametrize("supervised", [False, True], ids=["by-hand", "supervised"])
+def test_the_lock_file_says_whether_a_supervisor_started_the_runner(home: Path, supervised: bool) -> None:
+    from pipelines.jobs import _read_pid, hold_runner_lock, runner_holder
+
+    with hold_runner_lock(home, supervised=supervised) as path:
+        line = f"{os.getpid()} supervised {os.getppid()}\n" if supervised else f"{os.getpid()}\n"
+        assert path.read_text() == line
+        assert runner_holder(home) == RunnerLockHolder(os.getpid(), supervised, os.getppid() if supervised else None)
+        assert runner_pid(home) == _read_pid(path) == os.getpid()
+    assert runner_holder(home) is None and runner_pid(home) is None
 
 
 # --------------------------------------------------------------------------------------------- schedules
