@@ -13,9 +13,6 @@ import copy
 import logging
 import os
 import shutil
-import tarfile
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.archive import ArchiveLimits, extract
 from models.artifacts import (
-    ADAPTER_FILES,
     MODEL_META,
     ArtifactError,
     load_adapter_model,
@@ -163,8 +160,8 @@ def publish(
     """
     base, base_meta = load_model(base_dir)
     check_fits(src, base_meta)
-    with tempfile.TemporaryDirectory(prefix="adaptserve-publish-") as tmp:
-        staged = Path(tmp) / "adapter"
+    with registry.staging() as tmp:  # under the registry home: a killed publish's dir is swept, not leaked
+        staged = tmp / "adapter"
         shutil.copytree(src, staged)
         model, _ = load_adapter_model(staged, copy.deepcopy(base), base_meta)
         merged = merged_classifier(model)  # merged once for both the ONNX file and the reference
@@ -181,30 +178,10 @@ def publish(
     return version
 
 
-def _safe_members(names: list[str]) -> None:
-    for n in names:
-        p = Path(n)
-        if p.is_absolute() or ".." in p.parts:
-            raise ArtifactError(f"archive member {n!r} escapes the archive; refusing it")
-
-
 def extract_archive(archive: Path, dest: Path) -> Path:
-    """Unpack a .zip or .tar(.gz) adapter upload; return the directory that holds the adapter files."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            _safe_members(z.namelist())
-            z.extractall(dest)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as t:
-            _safe_members(t.getnames())
-            t.extractall(dest, filter="data")
-    else:
-        raise ArtifactError("upload is neither a zip nor a tar archive of the adapter directory")
-    candidates = [dest, *[d for d in dest.rglob("*") if d.is_dir()]]
-    for d in candidates:
-        if all((d / f).is_file() for f in ADAPTER_FILES):
-            return d
-    raise ArtifactError(f"archive holds no directory with {', '.join(ADAPTER_FILES)}")
+    """Unpack a .zip or .tar(.gz) adapter upload under the ADAPTSERVE_ARCHIVE_* limits; return the directory that
+    holds the adapter files (models/archive.py: extract)."""
+    return extract(archive, dest, ArchiveLimits.from_env())
 
 
 def make_random_adapter(base_dir: Path, out: Path, seed: int, targets: str = "all", scale: float = 0.02) -> Path:

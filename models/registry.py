@@ -27,7 +27,7 @@ import signal
 import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +50,8 @@ __all__ = [
     "CorruptAdapterError",
     "InvalidAdapterError",
     "InvalidNameError",
+    "InvalidVersionError",
+    "MAX_VERSION",
     "Promotion",
     "RegistryError",
     "RollbackError",
@@ -61,6 +63,7 @@ __all__ = [
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
+MAX_VERSION = 2**63 - 1  # SQLite's INTEGER range: a larger client number must be refused before a query
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
 CRASH_ENV = "ADAPTSERVE_REGISTRY_CRASH_AT"
 # Test-only SIGKILL points (see _crash_point); listed so tests can assert they cover every one.
@@ -111,7 +114,11 @@ INSERT OR IGNORE INTO state (key, value) VALUES ('generation', 0);
 
 
 class RegistryError(Exception):
-    """Base class so callers can catch every registry failure with one except clause."""
+    """Base class so callers can catch every registry failure with one except clause.
+
+    `status_code` is the HTTP status a service answers with (service/errors.py reads it)."""
+
+    status_code = 400
 
 
 class InvalidNameError(RegistryError, ValueError):
@@ -125,6 +132,8 @@ class InvalidAdapterError(RegistryError, ValueError):
 class AdapterNotFoundError(RegistryError, KeyError):
     """Unknown adapter name or version; KeyError-like so ``except KeyError`` callers keep working."""
 
+    status_code = 404
+
     def __str__(self) -> str:
         # KeyError.__str__ would repr() the message and wrap it in quotes.
         return str(self.args[0]) if self.args else ""
@@ -132,6 +141,8 @@ class AdapterNotFoundError(RegistryError, KeyError):
 
 class CorruptAdapterError(RegistryError):
     """Artifact files on disk are missing or no longer match the sha256 recorded at register time."""
+
+    status_code = 409
 
     def __init__(self, name: str, version: int, problems: list[tuple[str, str, str]]) -> None:
         self.name, self.version, self.problems = name, version, problems
@@ -142,9 +153,17 @@ class CorruptAdapterError(RegistryError):
 class ChampionDeleteError(RegistryError):
     """Deleting the champion would leave serving workers pointing at nothing."""
 
+    status_code = 409
+
 
 class RollbackError(RegistryError):
     """rollback() found no earlier champion (still registered) to go back to."""
+
+    status_code = 409
+
+
+class InvalidVersionError(RegistryError, ValueError):
+    """A version number outside 1..MAX_VERSION (no such version can exist)."""
 
 
 class UnsupportedBackendError(RegistryError, ValueError):
@@ -198,8 +217,8 @@ class AdapterRegistry(abc.ABC):
         """Copy an adapter directory in as the next version of ``name``."""
 
     @abc.abstractmethod
-    def promote(self, name: str, version: int) -> AdapterVersion:
-        """Make ``version`` the champion of ``name``."""
+    def promote(self, name: str, version: int, *, verify: bool = True) -> AdapterVersion:
+        """Make ``version`` the champion of ``name`` (after re-hashing its files, unless `verify` is False)."""
 
     @abc.abstractmethod
     def rollback(self, name: str) -> AdapterVersion:
@@ -237,6 +256,11 @@ class AdapterRegistry(abc.ABC):
     def history(self, name: str) -> list[Promotion]:
         """Champion changes of ``name``, oldest first."""
 
+    @abc.abstractmethod
+    def staging(self) -> AbstractContextManager[Path]:
+        """A private scratch dir for work that ends in register() (publish builds model.onnx there), removed on
+        exit; if its owner is SIGKILLed, the next staging() or open removes it."""
+
     def load_check(self, name: str, version: int) -> AdapterVersion:
         """verify() under the name loaders use: call it right before loading weights from ``path``."""
         return self.verify(name, version)
@@ -266,9 +290,12 @@ def _check_name(name: object) -> str:
 
 
 def _check_version(version: object) -> int:
-    """SQLite would happily compare '1' with 1, so reject non-ints before they reach a query."""
+    """SQLite would happily compare '1' with 1, so reject non-ints before they reach a query; and it raises
+    OverflowError on integers past 64 bits, so range-check them first."""
     if isinstance(version, bool) or not isinstance(version, int):
         raise TypeError(f"adapter version must be an int, got {version!r}")
+    if not -MAX_VERSION - 1 <= version <= MAX_VERSION:
+        raise InvalidVersionError(f"adapter version {version} is out of range: no version can be past {MAX_VERSION}")
     return version
 
 
@@ -566,6 +593,13 @@ class SQLiteRegistry(AdapterRegistry):
 
     # ---------------------------------------------------------------- register
 
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A locked dir under ``<home>/tmp``, after sweeping the dirs there whose owner died (their lock is free)."""
+        _sweep_staging(self.tmp_dir)
+        with _staging(self.tmp_dir) as stage:
+            yield stage
+
     def register(self, name: str, src_dir: str | Path, *, metadata: Mapping[str, Any] | None = None) -> AdapterVersion:
         """Stage, validate, hash and fsync a copy first; only then publish it, so readers never see half an adapter."""
         _check_name(name)
@@ -629,8 +663,13 @@ class SQLiteRegistry(AdapterRegistry):
         )
         self._bump_generation(conn)
 
-    def promote(self, name: str, version: int) -> AdapterVersion:
-        """Make ``version`` champion; re-promoting the current champion is a no-op (no history row, no bump)."""
+    def promote(self, name: str, version: int, *, verify: bool = True) -> AdapterVersion:
+        """Make ``version`` champion; re-promoting the current champion is a no-op (no history row, no bump).
+
+        With `verify` (the default) every file is re-hashed first: a corrupt version raises CorruptAdapterError and
+        the champion stays as it was."""
+        if verify:
+            self.verify(name, version)
         with self._write(commit_phase="promote_before_commit") as conn:
             record = self._get(conn, name, version)
             if not record.is_champion:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -39,11 +40,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.registry import NAME_PATTERN
 from models.sqlite import transaction
 from monitoring.capture import AsyncCapture, CaptureStore, keep_sample, make_records
 from monitoring.detectors import DriftConfig, DriftDetector, ReferenceSet
 from monitoring.image_stats import batch_image_stats
 
+_NAME_RE = re.compile(NAME_PATTERN)
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.npz"  # an adapter version's drift ReferenceSet, written by models.publish
@@ -60,6 +63,10 @@ class MonitorError(Exception):
     """Base class of the monitor's errors; `status` is the HTTP status a route should answer with."""
 
     status = 400
+
+    @property
+    def status_code(self) -> int:  # the name service/errors.py reads
+        return self.status
 
 
 class UnknownAdapterError(MonitorError, LookupError):
@@ -646,11 +653,15 @@ class DriftMonitor:
         return str(out)
 
     def report_path(self, adapter: str) -> Path | None:
-        """The adapter's latest Evidently HTML report, or None."""
+        """The adapter's latest Evidently HTML report, or None. Only a file under ``<home>/reports/<adapter>/`` is
+        ever returned: the name comes from a client, so it is checked before it becomes part of a path."""
+        if not isinstance(adapter, str) or not _NAME_RE.fullmatch(adapter):
+            raise UnknownAdapterError(f"invalid adapter name {adapter!r}: must match {NAME_PATTERN}")
+        root = (self.home / "reports" / adapter).resolve()
         latest = self.checks.latest_report(adapter)
-        if latest is not None and Path(latest).is_file():
+        if latest is not None and Path(latest).is_file() and Path(latest).resolve().parent == root:
             return Path(latest)
-        files = sorted((self.home / "reports" / adapter).glob("*.html"), key=lambda f: (f.stat().st_mtime, f.name))
+        files = sorted(root.glob("*.html"), key=lambda f: (f.stat().st_mtime, f.name))
         return files[-1] if files else None
 
     # ------------------------------------------------------------------------------------- reads

@@ -68,8 +68,11 @@ class ServeProcess:
     starts, so two servers sharing one would wipe each other's metrics.
     """
 
-    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, settle: bool = True) -> None:
+    def __init__(
+        self, env: dict[str, str], workdir: Path, port: int | None = None, settle: bool = True, cli: bool = False
+    ) -> None:
         self.settle = settle  # `with` waits for start-up work (helper processes' imports) to end before returning
+        self.cli = cli  # run `adaptserve serve` (what users run) instead of `bentoml serve`
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
@@ -82,12 +85,19 @@ class ServeProcess:
 
     @property
     def multiproc_dir(self) -> Path:
+        if self.cli:
+            from service.serve import multiproc_dir
+
+            return multiproc_dir(Path(self.env["ADAPTSERVE_HOME"]), self.port)
         return self.bentoml_home / "prometheus_multiproc_dir"
 
     def start(self) -> ServeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--port", str(self.port)]
-        cmd += ["--host", "127.0.0.1"]
+        if self.cli:
+            cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1"]
+        else:
+            cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--port", str(self.port)]
+            cmd += ["--host", "127.0.0.1"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

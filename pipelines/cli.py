@@ -284,6 +284,22 @@ def make_shift(
     console.print(f"wrote {sum(len(s) for s in sets.values())} images shifted by {shift}@{severity} to {dst}")
 
 
+def _announce_tokens(home: Path) -> None:
+    """Without any configured token, create `<home>/tokens` (admin + labeller, mode 0600) and print them once."""
+    from service.auth import ENV_TOKENS, generate_tokens, tokens_file_path
+
+    path = tokens_file_path(home)
+    if any(os.environ.get(v) for names in ENV_TOKENS.values() for v in names):
+        console.print("tokens: from the environment" + (f" and {path}" if path.is_file() else ""))
+    elif path.is_file():
+        console.print(f"tokens: {path} (roles and tokens, one per line)")
+    else:
+        tokens = generate_tokens(path)
+        console.print(f"generated tokens in {path} (kept across restarts; edit the file to rotate):")
+        for role, token in tokens.items():
+            console.print(f"  {role:9s} [bold]{token}[/bold]")
+
+
 @app.command()
 def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
@@ -294,7 +310,6 @@ def serve(
     ] = None,
 ) -> None:
     """Start the prediction service (builds the embedded default model first if missing)."""
-    import secrets
     import signal
     import subprocess
     import sys
@@ -307,21 +322,19 @@ def serve(
     base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
     env = dict(
         os.environ,
-        ADAPTSERVE_HOME=str(paths.home()),
-        ADAPTSERVE_BASE_MODEL=str(base),
+        ADAPTSERVE_HOME=str(paths.home().absolute()),
+        ADAPTSERVE_BASE_MODEL=str(base.absolute()),
         ADAPTSERVE_ENGINE=engine,
         ADAPTSERVE_WORKERS=str(workers),
     )
-    if not env.get("ADAPTSERVE_ADMIN_TOKEN"):
-        env["ADAPTSERVE_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
-        console.print(f"admin token (ADAPTSERVE_ADMIN_TOKEN was unset): [bold]{env['ADAPTSERVE_ADMIN_TOKEN']}[/bold]")
+    _announce_tokens(paths.home())
     url = f"http://{host}:{port}"
     console.print(
         f"predict   POST {url}/predict\ndashboard GET  {url}/dashboard\nmetrics   GET  {url}/metrics\n"
         f"adapters  GET  {url}/adapters\ndocs      {url}/docs\nstate     {paths.home()}"
     )
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "service.serve", "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=root, env=env)
     # `kill <this pid>` must stop the server too (it stops the job runner it started on its way down)
     signal.signal(signal.SIGTERM, lambda sig, _frame: proc.send_signal(sig))
@@ -338,9 +351,16 @@ def demo(
     feedback: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of predictions labelled")] = 0.5,
     clean_requests: Annotated[int, typer.Option(help="requests of clean traffic first")] = 200,
     out: Annotated[Path, typer.Option(help="where demo-report.html and demo-chart.png go")] = Path("."),
-    timeout: Annotated[float, typer.Option(help="give up on the shifted phase after this many seconds")] = 420.0,
+    timeout: Annotated[
+        float, typer.Option(help="longest wait, in seconds, for the promotion or the gate's rejection")
+    ] = 420.0,
+    host: Annotated[str, typer.Option(help="bind address of the demo's own service")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="port of the demo's own service [default: a free one]")] = None,
 ) -> None:
-    """The whole loop: clean traffic, a degrading camera, drift, a retrain job, promotion, recovery."""
+    """The whole loop: clean traffic, a degrading camera, drift, a retrain job, promotion, recovery.
+
+    Exit status: 0 promoted, 3 the gate rejected the challenger, 1 the job failed or the time limit was reached
+    (the output says what it was still waiting for)."""
     from pipelines.demo import DemoConfig
     from pipelines.demo import demo as run
 
@@ -349,12 +369,13 @@ def demo(
     base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
     cfg = DemoConfig(shift=shift, severity=severity, feedback_fraction=feedback, clean_requests=clean_requests,
                      timeout_s=timeout)
-    result = run(url, token, base, cfg, out, say=console.print)
+    result = run(url, token, base, cfg, out, say=console.print, host=host, port=port)
     result.pop("timeline")
-    console.print(f"report: {result['report']}  chart: {result['chart']}")
+    if result.get("waiting_for"):
+        console.print(f"[yellow]time limit reached ({timeout:g} s):[/yellow] {result['waiting_for']}")
+    console.print(f"outcome: {result['outcome']}  report: {result['report']}  chart: {result['chart']}")
     print(json.dumps(result))
-    if not result["promoted"]:
-        raise typer.Exit(1)
+    raise typer.Exit({"promoted": 0, "rejected": 3}.get(result["outcome"], 1))
 
 
 from pipelines.jobs_cli import jobs_app, retrain_command, schedules_app  # noqa: E402 - light: no torch at import
@@ -365,7 +386,7 @@ app.command("retrain")(retrain_command)
 
 
 from pipelines import bench_drift, bench_retrain, bench_serve  # noqa: E402
-from pipelines.labels import data_add  # noqa: E402
+from pipelines.labels import data_add, data_conflicts  # noqa: E402
 
 bench_app = typer.Typer(help="Benchmarks: results in benchmarks/results/, one JSON line last.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -373,6 +394,7 @@ bench_app.command("serve")(bench_serve.command)
 bench_app.command("drift")(bench_drift.command)
 bench_app.command("retrain")(bench_retrain.command)
 data_app.command("add")(data_add)
+data_app.command("conflicts")(data_conflicts)
 
 
 bento_app = typer.Typer(help="Package the service as a Bento (BentoML's deployable unit).", no_args_is_help=True)
@@ -442,6 +464,12 @@ def adapters_list() -> None:
     console.print(table)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM handler: leave through SystemExit(128 + 15), so `with` and `finally` blocks clean up (the default
+    action ends the process on the spot and leaves its staging dir to the next sweep)."""
+    raise SystemExit(128 + signum)
+
+
 @adapters_app.command("register")
 def adapters_register(
     name: Annotated[str, typer.Argument(help="adapter name: [a-z0-9][a-z0-9-_]{0,63}")],
@@ -452,14 +480,19 @@ def adapters_register(
     promote: Annotated[bool, typer.Option(help="make it the champion right away")] = False,
 ) -> None:
     """Check an adapter against the base, build its verified ONNX model, and register it as a new version."""
+    import signal
+
     from models.artifacts import ArtifactError
     from models.publish import publish
     from models.registry import RegistryError
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         v = publish(_registry(), name, src, base or _ensure_default_model(), promote)
     except (ArtifactError, RegistryError, ValueError) as err:
         _fail(str(err))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(f"registered {name} v{v.version}" + (" (champion)" if v.is_champion else ""))
 
 

@@ -1,58 +1,66 @@
-"""The BentoML service. Thin: routes validate input and call service.runtime.Runtime.
+"""The BentoML service. Thin: routes check the caller's role, validate input and call service.runtime.Runtime.
 
 Prediction routes are BentoML APIs; read and admin routes live on a FastAPI app mounted into the service
-(BentoML's class views, so they share the worker's Runtime). Errors are JSON `{"error": message}` with a
-4xx status that names the problem; nothing a client sends produces a 5xx.
+(BentoML's class views, so they share the worker's Runtime). No route has a try-block: errors are classes that
+carry their HTTP status, and one map (service/errors.py) answers `{"error": message}` with it, so nothing a
+client sends produces a 5xx and overload is a 503 with Retry-After. Roles and tokens: service/auth.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-from fastapi import FastAPI, Header, UploadFile
+from fastapi import FastAPI, Header, Query, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.http import BodyLimitMiddleware
+from models.registry import MAX_VERSION, NAME_PATTERN
+from service import errors
+from service.auth import Authenticator, Principal
+from service.http import BodyLimitMiddleware, ReadinessMiddleware
 
 log = logging.getLogger("adaptserve")
 api = FastAPI(title="adaptserve", description="Adapters, status and admin routes")
+api.add_middleware(errors.ErrorMiddleware)
+api.add_exception_handler(RequestValidationError, errors.handle_validation)
+api.add_exception_handler(StarletteHTTPException, errors.handle_http)
 
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range
+AdapterName = Annotated[str, Field(pattern=NAME_PATTERN, description="adapter name")]
+AdapterQuery = Annotated[str, Query(pattern=NAME_PATTERN, description="adapter name")]
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION, description="adapter version")]
+Authorization = Annotated[str | None, Header(description="'Bearer <token>'")]
 
 
 class PromoteRequest(BaseModel):
-    name: str = Field(description="adapter name")
-    version: int = Field(ge=1, description="version to make champion")
+    name: AdapterName
+    version: Version
 
 
 class NameRequest(BaseModel):
-    name: str = Field(description="adapter name")
+    name: AdapterName
 
 
 class AdapterRequest(BaseModel):
-    adapter: str = Field(description="adapter name")
+    adapter: AdapterName
 
 
 class ScheduleRequest(BaseModel):
-    adapter: str = Field(description="adapter name")
-    cron: str = Field(description="5-field cron expression, e.g. '0 3 * * *' (03:00 every day)")
+    adapter: AdapterName
+    cron: str = Field(max_length=200, description="5-field cron expression, e.g. '0 3 * * *' (03:00 every day)")
 
 
 class FeedbackRequest(BaseModel):
-    label: str = Field(description="the true class name")
-    id: str | None = Field(default=None, description="prediction id from a /predict response")
+    label: str = Field(max_length=200, description="the true class name")
+    id: str | None = Field(default=None, max_length=64, description="prediction id from a /predict response")
     image: str | None = Field(default=None, description="base64 image, for a label without a prior prediction")
-    adapter: str | None = Field(default=None, description="adapter the image belongs to (with `image`)")
+    adapter: AdapterName | None = Field(default=None, description="adapter the image belongs to (with `image`)")
 
 
 @bentoml.service(
@@ -64,6 +72,7 @@ class FeedbackRequest(BaseModel):
 class AdaptServe:
     def __init__(self) -> None:
         # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode
+        from models.archive import ArchiveLimits
         from pipelines.jobs import JobStore, ScheduleStore
         from pipelines.labels import LabelStore
         from service.config import ServiceConfig
@@ -71,15 +80,18 @@ class AdaptServe:
         from service.runtime import Runtime
 
         self.cfg = ServiceConfig.from_env()
+        self.auth = Authenticator(self.cfg.home)
         self.limits = DecodeLimits.from_env()
+        self.archive_limits = ArchiveLimits.from_env()
         self.rt = Runtime(self.cfg)
         self.labels = LabelStore(self.cfg.home)
         self.jobs = JobStore(self.cfg.home)
         self.schedules = ScheduleStore(self.cfg.home)
         self.supervisor = None
+        ReadinessMiddleware.probe = self.rt.readiness
 
     def __is_ready__(self) -> bool:
-        return self.rt is not None
+        return self.rt is not None and self.rt.readiness()[0]
 
     @bentoml.on_startup
     async def _start_background(self) -> None:
@@ -121,34 +133,48 @@ class AdaptServe:
                 log.exception("reading job counts failed")
             await asyncio.sleep(5.0)
 
-    async def _predict(self, images: list[Any], adapter: str | None, top_k: int) -> dict | JSONResponse:
-        from service.decode import InputError, decode_images_and_bytes
-        from service.runtime import UnknownAdapterError
+    def _require(self, authorization: str | None, role: str, action: str) -> Principal:
+        return self.auth.require(authorization, role, action)
 
-        try:
-            decoded, blobs = await asyncio.to_thread(decode_images_and_bytes, images, self.limits)
-            return await self.rt.predict(decoded, adapter, top_k, blobs)
-        except InputError as err:
-            return error(err.status, str(err))
-        except UnknownAdapterError as err:
-            return error(404, str(err))
-        except ValueError as err:
-            return error(400, str(err))
-
+    # --- predictions ------------------------------------------------------------------------------
     @bentoml.api(route="/predict")
+    @errors.mapped
     async def predict(
         self,
         images: Annotated[list[Any], Field(description="base64-encoded images (PNG, JPEG, WebP, ...)")],
+        ctx: bentoml.Context,
         adapter: Annotated[str | None, Field(description="adapter name; omitted = the base model")] = None,
         top_k: Annotated[int, Field(description="labels to return per image")] = 1,
     ) -> dict:
         """Classify images with the champion version of `adapter`."""
-        return await self._predict(images, adapter, top_k)
+        from service.decode import decode_images_and_bytes
+
+        self._require(ctx.request.headers.get("authorization"), "client", "prediction")
+        decoded, blobs = await asyncio.to_thread(decode_images_and_bytes, images, self.limits)
+        return await self.rt.predict(decoded, adapter, top_k, blobs)
+
+    @api.post("/predict/upload")
+    async def predict_upload(
+        self,
+        file: UploadFile,
+        adapter: Annotated[str | None, Query(max_length=64)] = None,
+        top_k: int = 1,
+        authorization: Authorization = None,
+    ) -> Any:
+        """One image as a multipart file upload (`curl -F file=@cat.jpg`)."""
+        from service.decode import decode_upload
+
+        self._require(authorization, "client", "prediction")
+        data = await file.read()
+        image = await asyncio.to_thread(decode_upload, data, self.limits)
+        return await self.rt.predict([image], adapter, top_k, [data])
 
     # --- read routes ------------------------------------------------------------------------------
     @api.get("/adapters")
-    def list_adapters(self) -> dict:
-        """Every adapter with its versions, champion and metrics, and what this worker serves."""
+    def list_adapters(self, authorization: Authorization = None) -> dict:
+        """Every adapter with its versions, champion and metrics, and what this worker serves (and, for an adapter
+        whose champion cannot be loaded, which earlier champion serves instead and why)."""
+        self._require(authorization, "client", "reading adapters")
         out = []
         for info in self.rt.registry.list_adapters():
             versions = [
@@ -161,6 +187,7 @@ class AdaptServe:
                 }
                 for v in info.versions
             ]
+            degraded = self.rt.degraded.get(info.name)
             out.append(
                 {
                     "name": info.name,
@@ -168,7 +195,8 @@ class AdaptServe:
                     "serving": self.rt.champions.get(info.name),
                     "precision": self.rt.served(info.name, self.rt.champions.get(info.name, -1)),
                     "versions": versions,
-                    "error": self.rt.last_error.get(info.name),
+                    "degraded": degraded.to_dict() if degraded else None,
+                    "error": degraded.reason if degraded else None,
                 }
             )
         return {
@@ -178,219 +206,193 @@ class AdaptServe:
             "adapters": out,
         }
 
-    @api.post("/predict/upload")
-    async def predict_upload(self, file: UploadFile, adapter: str | None = None, top_k: int = 1) -> Any:
-        """One image as a multipart file upload (`curl -F file=@cat.jpg`)."""
-        from service.decode import InputError, decode_upload
-        from service.runtime import UnknownAdapterError
-
-        data = await file.read()
-        try:
-            image = await asyncio.to_thread(decode_upload, data, self.limits)
-            return await self.rt.predict([image], adapter, top_k, [data])
-        except InputError as err:
-            return error(err.status, str(err))
-        except UnknownAdapterError as err:
-            return error(404, str(err))
-        except ValueError as err:
-            return error(400, str(err))
-
     # --- admin routes -----------------------------------------------------------------------------
-    def _unauthorized(self, authorization: str | None) -> JSONResponse | None:
-        token = self.cfg.admin_token
-        if not token:
-            return error(401, "admin routes are disabled: start the service with ADAPTSERVE_ADMIN_TOKEN set")
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not authorization or not hmac.compare_digest(given.encode(), token.encode()):
-            return error(401, "missing or wrong admin token: send 'Authorization: Bearer <ADAPTSERVE_ADMIN_TOKEN>'")
-        return None
-
-    def _registry_call(self, fn, *args) -> Any:
-        from models.artifacts import ArtifactError
-        from models.registry import AdapterNotFoundError, RegistryError
-
-        try:
-            result = fn(*args)
-        except AdapterNotFoundError as err:
-            return error(404, str(err))
-        except (RegistryError, ArtifactError, ValueError) as err:
-            return error(400, str(err))
+    def _changed(self, result: Any) -> dict:
         swaps = self.rt.refresh()  # this worker applies it now; the others within poll_s
         return {"result": _jsonable(result), "swaps": [s.__dict__ for s in swaps], "champions": self.rt.champions}
 
     @api.post("/adapters/promote")
-    def promote(self, body: PromoteRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
-        return self._unauthorized(authorization) or self._registry_call(
-            self.rt.registry.promote, body.name, body.version
-        )
+    def promote(self, body: PromoteRequest, authorization: Authorization = None) -> Any:
+        """Make a version champion, after checking every file's sha256 and that this worker loads it (409 if not:
+        the champion keeps serving)."""
+        self._require(authorization, "admin", "promote")
+        self.rt.preflight(body.name, body.version)
+        return self._changed(self.rt.registry.promote(body.name, body.version))
 
     @api.post("/adapters/rollback")
-    def rollback(self, body: NameRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
-        return self._unauthorized(authorization) or self._registry_call(self.rt.registry.rollback, body.name)
+    def rollback(self, body: NameRequest, authorization: Authorization = None) -> Any:
+        self._require(authorization, "admin", "rollback")
+        return self._changed(self.rt.registry.rollback(body.name))
 
     @api.delete("/adapters/{name}/versions/{version}")
-    def delete_version(self, name: str, version: int, authorization: Annotated[str | None, Header()] = None) -> Any:
-        return self._unauthorized(authorization) or self._registry_call(self.rt.registry.delete, name, version)
+    def delete_version(
+        self,
+        name: Annotated[str, PathParam(pattern=NAME_PATTERN)],
+        version: Annotated[int, PathParam(ge=1, le=MAX_VERSION)],
+        authorization: Authorization = None,
+    ) -> Any:
+        self._require(authorization, "admin", "delete")
+        return self._changed(self.rt.registry.delete(name, version))
 
     @api.post("/adapters/register")
     async def register(
         self,
-        name: str,
+        name: AdapterQuery,
         archive: UploadFile,
         promote: bool = False,
-        authorization: Annotated[str | None, Header()] = None,
+        authorization: Authorization = None,
     ) -> Any:
         """Upload a PEFT-format adapter directory as .zip or .tar.gz (multipart field `archive`)."""
-        if denied := self._unauthorized(authorization):
-            return denied
-        data = await archive.read()
-        return await asyncio.to_thread(self._register, name, data, promote)
+        self._require(authorization, "admin", "register")
+        return await asyncio.to_thread(self._register, name, archive, promote)
 
-    def _register(self, name: str, data: bytes, promote: bool) -> Any:
-        from models.publish import extract_archive, publish
+    def _register(self, name: str, archive: UploadFile, promote: bool) -> Any:
+        """Extract within the archive limits into a staging dir under the registry home (swept if this worker is
+        killed), then publish: verified ONNX, drift reference, registration."""
+        import shutil
 
-        with tempfile.TemporaryDirectory(prefix="adaptserve-upload-") as tmp:
-            upload = Path(tmp) / "upload"
-            upload.write_bytes(data)
-            (Path(tmp) / "x").mkdir()
+        from models.archive import extract
+        from models.publish import publish
 
-            def run() -> Any:
-                src = extract_archive(upload, Path(tmp) / "x")
-                return publish(self.rt.registry, name, src, self.cfg.base_model, promote)
-
-            return self._registry_call(run)
+        with self.rt.registry.staging() as tmp:
+            upload = tmp / "upload"
+            with open(upload, "wb") as fh:
+                shutil.copyfileobj(archive.file, fh)
+            src = extract(upload, tmp / "x", self.archive_limits)
+            return self._changed(publish(self.rt.registry, name, src, self.cfg.base_model, promote))
 
     # --- labels and retraining --------------------------------------------------------------------
     @api.post("/feedback", status_code=201)
-    async def feedback(self, body: FeedbackRequest) -> Any:
-        """Label a served prediction by its id, or send a labelled image for an adapter."""
-        return await asyncio.to_thread(self._feedback, body)
+    async def feedback(self, body: FeedbackRequest, authorization: Authorization = None) -> Any:
+        """Label a served prediction by its id, or send a labelled image for an adapter. Needs a labeller token
+        (trusted labels) or a contributor token (untrusted: never in the gate's holdout); an admin's label is
+        authoritative. Open to anonymous, untrusted labels only with ADAPTSERVE_FEEDBACK_OPEN=1."""
+        who = self._require(authorization, "contributor", "feedback")
+        return await asyncio.to_thread(self._feedback, body, who)
 
-    def _feedback(self, body: FeedbackRequest) -> Any:
-        from pipelines.labels import ExpiredPredictionError, LabelError
-        from service.decode import InputError, decode_images
+    def _feedback(self, body: FeedbackRequest, who: Principal) -> Any:
+        from pipelines.labels import Trust
+        from service.decode import decode_one
 
         if (body.id is None) == (body.image is None):
-            return error(400, "send either 'id' (a prediction id from /predict) or 'image' (base64) with 'adapter'")
+            raise errors.BadRequestError(
+                "send either 'id' (a prediction id from /predict) or 'image' (base64) with 'adapter'"
+            )
         if body.id is not None:
-            try:
-                adapter, _version, image = self.rt.lookup_input(body.id)
-            except LookupError as err:
-                return error(410 if isinstance(err, ExpiredPredictionError) else 404, str(err).strip("'\""))
+            adapter, _version, image = self.rt.lookup_input(body.id)
             source = f"feedback:{body.id}"
         else:
             if not body.adapter:
-                return error(400, "'adapter' is required with 'image': name the adapter this image belongs to")
+                raise errors.BadRequestError(
+                    "'adapter' is required with 'image': name the adapter this image belongs to"
+                )
             if body.adapter not in {i.name for i in self.rt.registry.list_adapters()}:
-                return error(404, f"unknown adapter {body.adapter!r}")
-            try:
-                image = decode_images([body.image], self.limits)[0]
-            except InputError as err:
-                return error(err.status, str(err).replace("images[0]", "image"))
+                raise errors.NotFoundError(f"unknown adapter {body.adapter!r}")
+            image = decode_one(body.image, self.limits)
             adapter, source = body.adapter, "upload"
-        try:
-            label_id = self.labels.add(adapter, image, body.label, self.rt.classes, source, prediction_id=body.id)
-        except LabelError as err:
-            return error(400, str(err))
-        return {"label_id": label_id, "adapter": adapter, "label": body.label, "labels": self.labels.count(adapter)}
+        result = self.labels.add(
+            adapter, image, body.label, self.rt.classes, source, prediction_id=body.id,
+            trust={"admin": Trust.ADMIN, "labeller": Trust.TRUSTED}.get(who.role or "", Trust.UNTRUSTED),
+            sender=who.name,
+        )
+        out = {"label_id": result.label_id, "adapter": adapter, "label": body.label, "outcome": result.outcome,
+               "labels": self.labels.count(adapter)}
+        if who.may("labeller"):  # what is stored for an image is not told to whoever merely has its pixels
+            out.update(stored_label=result.stored_label, conflicted=result.conflicted)
+        return out
+
+    @api.get("/labels/conflicts")
+    def label_conflicts(
+        self, adapter: AdapterQuery, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        authorization: Authorization = None,
+    ) -> Any:
+        """Labels that contradict an earlier label of the same image (kept aside, not silently overwritten)."""
+        self._require(authorization, "labeller", "reading label conflicts")
+        return {"adapter": adapter, "conflicts": self.labels.conflicts(adapter, limit=limit),
+                "summary": self.labels.summary(adapter)}
 
     @api.post("/retrain", status_code=202)
-    def retrain(self, body: AdapterRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
+    def retrain(self, body: AdapterRequest, authorization: Authorization = None) -> Any:
         """Queue a retrain job for an adapter (the job runner process picks it up)."""
-        return self._unauthorized(authorization) or self._jobs_call(
-            lambda: {"job": self.jobs.submit(body.adapter, "manual", "POST /retrain").to_dict()}
-        )
+        self._require(authorization, "admin", "retrain")
+        return {"job": self.jobs.submit(body.adapter, "manual", "POST /retrain").to_dict()}
 
     @api.get("/jobs")
-    def list_jobs(self, adapter: str | None = None, state: str | None = None, limit: int = 100) -> Any:
-        return self._jobs_call(
-            lambda: {"jobs": [j.to_dict(include_log=False) for j in self.jobs.list(adapter, state, limit)]}
-        )
+    def list_jobs(
+        self,
+        adapter: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+        state: Annotated[str | None, Query(max_length=32)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        authorization: Authorization = None,
+    ) -> Any:
+        self._require(authorization, "client", "reading jobs")
+        return {"jobs": [j.to_dict(include_log=False) for j in self.jobs.list(adapter, state, limit)]}
 
     @api.get("/jobs/{job_id}")
-    def get_job(self, job_id: str) -> Any:
-        return self._jobs_call(lambda: self.jobs.get(job_id).to_dict())
+    def get_job(self, job_id: Annotated[str, PathParam(max_length=64)], authorization: Authorization = None) -> Any:
+        """A job; its log (which can hold paths and data) only with an admin token."""
+        who = self._require(authorization, "client", "reading jobs")
+        return self.jobs.get(job_id).to_dict(include_log=who.may("admin"))
 
     @api.post("/schedules", status_code=201)
-    def add_schedule(self, body: ScheduleRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
+    def add_schedule(self, body: ScheduleRequest, authorization: Authorization = None) -> Any:
         """Retrain `adapter` on a cron schedule (kept across restarts; run by the job runner's scheduler)."""
-        return self._unauthorized(authorization) or self._jobs_call(
-            lambda: self.schedules.add(body.adapter, body.cron).to_dict()
-        )
+        self._require(authorization, "admin", "adding a schedule")
+        return self.schedules.add(body.adapter, body.cron).to_dict()
 
     @api.get("/schedules")
-    def list_schedules(self) -> Any:
+    def list_schedules(self, authorization: Authorization = None) -> Any:
+        self._require(authorization, "client", "reading schedules")
         return {"schedules": [s.to_dict() for s in self.schedules.list()]}
 
     @api.delete("/schedules/{schedule_id}")
-    def delete_schedule(self, schedule_id: str, authorization: Annotated[str | None, Header()] = None) -> Any:
-        return self._unauthorized(authorization) or self._jobs_call(
-            lambda: {"deleted": self.schedules.delete(schedule_id).to_dict()}
-        )
-
-    def _jobs_call(self, fn) -> Any:
-        from pipelines import jobs
-
-        try:
-            return fn()
-        except (jobs.DuplicateJobError, jobs.DuplicateScheduleError) as err:
-            return error(409, str(err).strip("'\""))
-        except (jobs.UnknownAdapterJobError, LookupError) as err:
-            return error(404, str(err).strip("'\""))
-        except ValueError as err:
-            return error(400, str(err))
+    def delete_schedule(
+        self, schedule_id: Annotated[int, PathParam(ge=1, le=MAX_ID)], authorization: Authorization = None
+    ) -> Any:
+        self._require(authorization, "admin", "deleting a schedule")
+        return {"deleted": self.schedules.delete(schedule_id).to_dict()}
 
     # --- drift ------------------------------------------------------------------------------------
-    def _monitor_call(self, fn) -> Any:
-        from monitoring.monitor import NotEnoughRecordsError, UnknownAdapterError
-
+    def _monitor(self):
         if self.rt.monitor is None:
-            return error(404, "drift monitoring is off (ADAPTSERVE_MONITOR=0)")
-        try:
-            return fn(self.rt.monitor)
-        except UnknownAdapterError as err:
-            return error(404, str(err).strip("'\""))
-        except NotEnoughRecordsError as err:
-            return error(409, str(err))
+            raise errors.NotFoundError("drift monitoring is off (ADAPTSERVE_MONITOR=0)")
+        return self.rt.monitor
 
     @api.get("/drift")
-    def drift(self, adapter: str) -> Any:
+    def drift(self, adapter: AdapterQuery, authorization: Authorization = None) -> Any:
         """The latest drift check of `adapter` (run on a schedule inside the service, or by POST /drift/check)."""
-
-        def latest(monitor) -> Any:
-            result = monitor.latest(adapter)
-            if result is None:
-                return error(404, f"no drift check has run for adapter {adapter!r} yet; POST /drift/check runs one")
-            return result
-
-        return self._monitor_call(latest)
+        self._require(authorization, "client", "reading drift")
+        result = self._monitor().latest(adapter)
+        if result is None:
+            raise errors.NotFoundError(
+                f"no drift check has run for adapter {adapter!r} yet; POST /drift/check runs one"
+            )
+        return result
 
     @api.post("/drift/check")
-    async def drift_check(self, body: AdapterRequest, authorization: Annotated[str | None, Header()] = None) -> Any:
+    async def drift_check(self, body: AdapterRequest, authorization: Authorization = None) -> Any:
         """Run a drift check of `adapter` now and return its result."""
-        if denied := self._unauthorized(authorization):
-            return denied
-        return await asyncio.to_thread(self._monitor_call, lambda m: m.check(body.adapter))
+        self._require(authorization, "admin", "a drift check")
+        return await asyncio.to_thread(self._monitor().check, body.adapter)
 
     @api.get("/drift/report")
-    def drift_report(self, adapter: str) -> Any:
+    def drift_report(self, adapter: AdapterQuery, authorization: Authorization = None) -> Any:
         """The latest Evidently report of `adapter` (HTML)."""
         from starlette.responses import FileResponse
 
-        def report(monitor) -> Any:
-            path = monitor.report_path(adapter)
-            if path is None:
-                return error(
-                    404,
-                    f"no Evidently report for adapter {adapter!r} yet: one is written every "
-                    "ADAPTSERVE_REPORT_EVERY-th drift check",
-                )
-            return FileResponse(path, media_type="text/html")
-
-        return self._monitor_call(report)
+        self._require(authorization, "client", "reading drift reports")
+        path = self._monitor().report_path(adapter)
+        if path is None:
+            raise errors.NotFoundError(
+                f"no Evidently report for adapter {adapter!r} yet: one is written every "
+                "ADAPTSERVE_REPORT_EVERY-th drift check"
+            )
+        return FileResponse(path, media_type="text/html")
 
     @api.get("/dashboard")
-    def dashboard(self, refresh_s: int = 10) -> Any:
+    def dashboard(
+        self, refresh_s: Annotated[int, Query(le=86400)] = 10, authorization: Authorization = None
+    ) -> Any:
         """Drift, confidence, classes, versions and retrain events per adapter; one offline HTML page that
         refreshes itself from /dashboard/data every `refresh_s` seconds (0: never)."""
         from starlette.responses import HTMLResponse
@@ -398,20 +400,23 @@ class AdaptServe:
         from monitoring.dashboard import jsonable, render_dashboard
         from service.views import dashboard_data
 
+        self._require(authorization, "client", "the dashboard")
         if refresh_s < 0:
-            return error(400, f"refresh_s must be >= 0 (0 turns live refresh off), got {refresh_s}")
+            raise errors.BadRequestError(f"refresh_s must be >= 0 (0 turns live refresh off), got {refresh_s}")
         live = {"refresh_s": refresh_s, "data_url": "/dashboard/data"} if refresh_s else {}
         return HTMLResponse(render_dashboard(jsonable(dashboard_data(self)), **live))
 
     @api.get("/dashboard/data")
-    def dashboard_json(self) -> Any:
+    def dashboard_json(self, authorization: Authorization = None) -> Any:
         from monitoring.dashboard import jsonable
         from service.views import dashboard_data
 
+        self._require(authorization, "client", "the dashboard")
         return jsonable(dashboard_data(self))
 
 
 AdaptServe.add_asgi_middleware(BodyLimitMiddleware)
+AdaptServe.add_asgi_middleware(ReadinessMiddleware)
 
 
 def _summary(meta: dict) -> dict | None:

@@ -36,7 +36,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.preprocessing import to_rgb
 
-__all__ = ["DecodeLimits", "InputError", "as_rgb", "decode_base64", "decode_images", "decode_upload", "open_image"]
+__all__ = [
+    "DecodeLimits",
+    "InputError",
+    "as_rgb",
+    "decode_base64",
+    "decode_images",
+    "decode_one",
+    "decode_upload",
+    "open_image",
+]
 
 # Formats never opened from a request: EPS is rasterised by running Ghostscript on the data.
 REFUSED_FORMATS = frozenset({"EPS"})
@@ -63,6 +72,10 @@ class InputError(ValueError):
         self.index = index
         self.field = field
         super().__init__(f"{field}[{index}]: {detail}" if index is not None else detail)
+
+    @property
+    def status_code(self) -> int:  # the name service/errors.py reads
+        return self.status
 
     @property
     def message(self) -> str:
@@ -321,6 +334,16 @@ def decode_images_and_bytes(
         except InputError as e:
             raise e.at(i, field) from e.__cause__
     return images, blobs
+
+
+def decode_one(item: object, limits: DecodeLimits | None = None, *, field: str = "image") -> Image.Image:
+    """One base64 image (a JSON field, not a list); errors are prefixed with the field name (``image: ...``)."""
+    if not isinstance(item, str):
+        raise InputError(f"{field}: expected a base64 string, got {_type_name(item)}")
+    try:
+        return open_image(decode_base64(item), limits)
+    except InputError as e:
+        raise InputError(f"{field}: {e.detail}", status=e.status) from e.__cause__
 
 
 def decode_upload(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:

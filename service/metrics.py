@@ -39,6 +39,12 @@ INT8_ACCURACY_DELTA = Gauge(
     ["adapter", "version"],
     multiprocess_mode="mostrecent",
 )
+DEGRADED = Gauge(
+    "adaptserve_adapter_degraded",
+    "1 while the adapter's champion cannot be loaded by this worker (it serves an earlier champion, or nothing)",
+    ["adapter"],
+    multiprocess_mode="max",
+)
 CHAMPION = Gauge(
     "adaptserve_champion_version", "Champion version per adapter", ["adapter"], multiprocess_mode="mostrecent"
 )

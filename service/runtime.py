@@ -25,22 +25,32 @@ from models.registry import RegistryError, open_registry
 from service import metrics
 from service.config import ServiceConfig
 from service.engine import BASE, Engine, Key, OnnxEngine, TorchEngine
+from service.errors import ConflictError, OverloadedError, UnknownAdapterError
 
 log = logging.getLogger("adaptserve")
-
-
-class UnknownAdapterError(LookupError):
-    status = 404
-
-
-class OverloadedError(RuntimeError):
-    """The batcher shed this request: waiting would exceed ADAPTSERVE_MAX_LATENCY_MS."""
-
-    status = 503
+RETRY_S = 10.0  # how often a worker retries loading a champion that failed to load
 
 
 def _shed() -> None:
-    raise OverloadedError("server overloaded: the request would wait longer than ADAPTSERVE_MAX_LATENCY_MS")
+    raise OverloadedError("server overloaded: the request would wait longer than ADAPTSERVE_MAX_LATENCY_MS; retry")
+
+
+class UnloadableVersionError(ConflictError):
+    """A version whose files verify but that this worker's engine cannot load (409: it must not be promoted)."""
+
+
+@dataclass
+class Degraded:
+    """An adapter whose champion cannot be loaded: what serves instead (None: nothing) and why."""
+
+    champion: int
+    serving: int | None
+    reason: str
+    since: float
+    retried_at: float
+
+    def to_dict(self) -> dict:
+        return {"champion": self.champion, "serving": self.serving, "reason": self.reason, "since": self.since}
 
 
 @dataclass
@@ -80,7 +90,7 @@ class Runtime:
         self.engine = make_engine(cfg, base, self.base_meta)
         self.champions: dict[str, int] = {}
         self.generation = -1
-        self.last_error: dict[str, str] = {}
+        self.degraded: dict[str, Degraded] = {}  # adapters whose champion does not load here, and what serves
         self._dispatch = None
         self._dispatch_loop: asyncio.AbstractEventLoop | None = None
         self.monitor = self._make_monitor() if cfg.monitor else None
@@ -123,38 +133,100 @@ class Runtime:
 
     # --- champions and hot swap -------------------------------------------------------------
     def refresh(self) -> list[Swap]:
-        """Pick up registry changes; load new champions before publishing them. Cheap when nothing moved."""
+        """Pick up registry changes; load new champions before publishing them. Cheap when nothing moved.
+
+        A champion that fails to load (corrupt files, an engine error) does not take its adapter down: the worker
+        keeps what it serves, else the latest earlier champion that loads, and records why in `degraded`. A
+        degraded champion is retried every RETRY_S seconds, so repaired files clear the state without a promote."""
         gen = self.registry.generation()
-        if gen == self.generation:
+        now = time.monotonic()
+        retry = [n for n, d in self.degraded.items() if now - d.retried_at >= RETRY_S]
+        if gen == self.generation and not retry:
             return []
         wanted = {i.name: i.champion for i in self.registry.list_adapters() if i.champion is not None}
         champions, swaps = dict(self.champions), []
         for name in [n for n in champions if n not in wanted]:
             swaps.append(Swap(name, champions.pop(name), None, 0.0))
+            self.degraded.pop(name, None)
         for name, version in wanted.items():
-            if champions.get(name) == version:
+            known = self.degraded.get(name)
+            if champions.get(name) == version and known is None:
+                continue
+            if known is not None and known.champion == version and name not in retry:
                 continue
             start = time.perf_counter()
-            try:
-                self._load(name, version)
-            except Exception as err:  # a corrupt or mismatched adapter must not take serving down
-                self.last_error[name] = f"version {version} refused: {err}"
-                metrics.LOAD_FAILURES.labels(adapter=name).inc()
-                log.error("adapter %s v%s refused, champion stays v%s: %s", name, version, champions.get(name), err)
-                continue
-            swaps.append(Swap(name, champions.get(name), version, time.perf_counter() - start))
-            champions[name] = version
+            serving = self._load_or_fall_back(name, version, champions.get(name))
+            if serving != champions.get(name):
+                swaps.append(Swap(name, champions.get(name), serving, time.perf_counter() - start))
+            if serving is None:
+                champions.pop(name, None)
+            else:
+                champions[name] = serving
         self.champions = champions  # one assignment: requests see the old map or the new one, never a mix
         self.generation = gen
         for s in swaps:
             metrics.record_swap(s.adapter, s.new, s.seconds)
+        for name in wanted:
+            metrics.DEGRADED.labels(adapter=name).set(1 if name in self.degraded else 0)
         return swaps
+
+    def _load_or_fall_back(self, name: str, version: int, current: int | None) -> int | None:
+        """Load `version`; on failure keep `current`, else try earlier champions newest first. What serves."""
+        try:
+            self._load(name, version)
+        except Exception as err:  # a corrupt or mismatched adapter must not take serving down
+            reason = f"version {version} refused: {err}"
+            metrics.LOAD_FAILURES.labels(adapter=name).inc()
+            serving = current if current is not None and current != version else self._last_good(name, version)
+            old = self.degraded.get(name)
+            since = old.since if old is not None and old.champion == version else time.time()
+            self.degraded[name] = Degraded(version, serving, reason, since, time.monotonic())
+            log.error("adapter %s: champion v%s refused, serving %s: %s", name, version,
+                      f"v{serving}" if serving is not None else "nothing", err)
+            return serving
+        if name in self.degraded:
+            log.info("adapter %s: champion v%s loads again; degraded state cleared", name, version)
+        self.degraded.pop(name, None)
+        return version
+
+    def _last_good(self, name: str, bad: int) -> int | None:
+        """The newest earlier champion (promotion history) that is still registered and loads."""
+        live = {v.version for i in self.registry.list_adapters() if i.name == name for v in i.versions}
+        tried: set[int] = {bad}
+        for p in reversed(self.registry.history(name)):
+            if p.version in tried or p.version not in live:
+                continue
+            tried.add(p.version)
+            try:
+                self._load(name, p.version)
+                return p.version
+            except Exception as err:
+                log.error("adapter %s: earlier champion v%s does not load either: %s", name, p.version, err)
+        return None
 
     def _load(self, name: str, version: int) -> None:
         av = self.registry.verify(name, version)
         self.engine.load((name, version), av.path)
         metrics.ADAPTER_LOADS.labels(adapter=name).inc()
         metrics.record_precision((name, version), self.served(name, version))
+
+    def preflight(self, name: str, version: int) -> None:
+        """Before a promote: every file matches its sha256 and this worker's engine loads it (409 otherwise)."""
+        self.registry.verify(name, version)  # CorruptAdapterError (409) lists each changed or missing file
+        try:
+            self._load(name, version)
+        except Exception as err:
+            raise UnloadableVersionError(f"adapter {name!r} version {version} cannot be served: {err}") from err
+
+    def readiness(self) -> tuple[bool, dict]:
+        """(ready, details) for /readyz: not ready while an adapter with a champion has nothing serving."""
+        down = {n: d.to_dict() for n, d in self.degraded.items() if d.serving is None}
+        fallback = {n: d.to_dict() for n, d in self.degraded.items() if d.serving is not None}
+        details: dict = {"degraded": fallback} if fallback else {}
+        if down:
+            reasons = "; ".join(f"{n}: {d['reason']}" for n, d in sorted(down.items()))
+            return False, {**details, "down": down, "reason": f"no version of these adapters can serve: {reasons}"}
+        return True, details
 
     def served(self, name: str, version: int) -> dict | None:
         """How the engine serves this version: {"precision": "int8"|"fp32", "int8": measured, "reason": why fp32}."""
@@ -172,8 +244,8 @@ class Runtime:
         return (adapter, version)
 
     def _unknown_message(self, adapter: str) -> str:
-        if adapter in self.last_error:
-            return f"adapter {adapter!r} has no loadable champion: {self.last_error[adapter]}"
+        if adapter in self.degraded:
+            return f"adapter {adapter!r} has no loadable version: {self.degraded[adapter].reason}"
         try:
             names = [i.name for i in self.registry.list_adapters()]
         except RegistryError:

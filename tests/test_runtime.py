@@ -48,11 +48,61 @@ def test_a_corrupt_new_version_is_refused_and_the_champion_keeps_serving(runtime
     registry = open_registry(service_home)
     weights = registry.path("site-a", 2) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
-    registry.promote("site-a", 2)
+    registry.promote("site-a", 2, verify=False)  # e.g. files damaged after the promote
     runtime.refresh()
     assert runtime.resolve("site-a") == ("site-a", 1)
-    assert "version 2 refused" in runtime.last_error["site-a"]
+    assert "version 2 refused" in runtime.degraded["site-a"].reason
+    assert runtime.degraded["site-a"].serving == 1
     assert asyncio.run(runtime.predict(_images(1), "site-a"))["version"] == 1
+
+
+def _corrupt(path: Path) -> bytes:
+    original = path.read_bytes()
+    path.write_bytes(original[:-4096] + b"\0" * 4096)
+    return original
+
+
+def test_preflight_refuses_a_corrupt_version_before_the_champion_changes(runtime: Runtime, service_home: Path) -> None:
+    from models.registry import CorruptAdapterError
+
+    registry = open_registry(service_home)
+    _corrupt(registry.path("site-a", 2) / "model.onnx")
+    with pytest.raises(CorruptAdapterError, match="adapter 'site-a' version 2 is corrupt: file 'model.onnx'"):
+        runtime.preflight("site-a", 2)
+    with pytest.raises(CorruptAdapterError):
+        registry.promote("site-a", 2)  # the registry re-hashes too: the CLI and jobs cannot promote it either
+    assert registry.champion("site-a").version == 1
+
+
+def test_a_champion_damaged_before_a_restart_falls_back_to_the_last_good_one_and_recovers(
+    service_home: Path, source_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.runtime as runtime_module
+
+    registry = open_registry(service_home)
+    registry.promote("site-a", 2)
+    weights = registry.path("site-a", 2) / "adapter_model.safetensors"
+    original = _corrupt(weights)
+    runtime = Runtime(ServiceConfig(home=service_home, base_model=source_model))  # a restart
+    assert runtime.resolve("site-a") == ("site-a", 1)  # v1: the champion before v2 in the history
+    assert runtime.degraded["site-a"].to_dict()["champion"] == 2
+    assert runtime.readiness() == (True, {"degraded": {"site-a": runtime.degraded["site-a"].to_dict()}})
+
+    weights.write_bytes(original)  # repaired: the next retry clears the state without any promote
+    monkeypatch.setattr(runtime_module, "RETRY_S", 0.0)
+    runtime.refresh()
+    assert runtime.resolve("site-a") == ("site-a", 2) and runtime.degraded == {}
+
+
+def test_not_ready_while_an_adapter_has_no_version_that_loads(service_home: Path, source_model: Path) -> None:
+    registry = open_registry(service_home)
+    _corrupt(registry.path("site-b", 1) / "adapter_model.safetensors")
+    runtime = Runtime(ServiceConfig(home=service_home, base_model=source_model))
+    ready, details = runtime.readiness()
+    assert not ready and details["down"]["site-b"]["serving"] is None
+    assert details["reason"].startswith("no version of these adapters can serve: site-b: version 1 refused:")
+    with pytest.raises(UnknownAdapterError, match="adapter 'site-b' has no loadable version: version 1 refused"):
+        runtime.resolve("site-b")
 
 
 @pytest.mark.parametrize(

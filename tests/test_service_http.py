@@ -137,7 +137,13 @@ def test_multipart_upload_route(client: TestClient) -> None:
 def test_admin_routes_need_the_token(client: TestClient, method: str, path: str, kwargs: dict, headers: dict) -> None:
     r = getattr(client, method)(path, headers=headers, **kwargs)
     assert r.status_code == 401
-    assert r.json()["error"].startswith("missing or wrong admin token")
+    expected = {
+        "none": "needs an admin token: send 'Authorization: Bearer <token>'",
+        "wrong": "wrong token: it is not one of this service's tokens",
+        "malformed": "malformed Authorization header: send 'Authorization: Bearer <token>'",
+    }
+    assert any(r.json()["error"].endswith(e) for e in expected.values()), r.json()
+    assert r.headers["www-authenticate"].startswith("Bearer")
     assert client.get("/adapters").json()["adapters"][0]["champion"] == 1  # nothing changed
 
 
@@ -146,7 +152,7 @@ def test_promote_rollback_and_delete(client: TestClient) -> None:
     assert r.status_code == 200, r.text
     assert client.post("/predict", json={"images": [_png()], "adapter": "site-a"}).json()["version"] == 2
     r = client.delete("/adapters/site-a/versions/2", headers=AUTH)
-    assert r.status_code == 400 and "champion" in r.json()["error"]
+    assert r.status_code == 409 and "champion" in r.json()["error"]
     assert client.post("/adapters/rollback", json={"name": "site-a"}, headers=AUTH).status_code == 200
     assert client.post("/predict", json={"images": [_png()], "adapter": "site-a"}).json()["version"] == 1
     assert client.delete("/adapters/site-a/versions/2", headers=AUTH).status_code == 200
@@ -230,9 +236,10 @@ def _eventually(fn, timeout: float = 15.0):
 
 def test_feedback_labels_a_prediction_by_id_or_an_uploaded_image(client: TestClient) -> None:
     pid = _predict_ids(client, 1)[0]
-    r = _eventually(lambda: (r := client.post("/feedback", json={"id": pid, "label": "3"})).status_code == 201 and r)
+    post = lambda body: client.post("/feedback", json=body, headers=AUTH)  # noqa: E731
+    r = _eventually(lambda: (r := post({"id": pid, "label": "3"})).status_code == 201 and r)
     assert r and r.json()["adapter"] == "site-a" and r.json()["labels"] == 1, r
-    r = client.post("/feedback", json={"image": _png(), "label": "7", "adapter": "site-b"})
+    r = post({"image": _png(), "label": "7", "adapter": "site-b"})
     assert r.status_code == 201 and r.json()["labels"] == 1, r.text
 
 
@@ -250,7 +257,7 @@ def test_feedback_labels_a_prediction_by_id_or_an_uploaded_image(client: TestCli
 )
 def test_feedback_refuses_bad_input(client: TestClient, body: dict, status: int, message: str) -> None:
     body = {k: (_png() if v == "PNG" else v) for k, v in body.items()}
-    r = client.post("/feedback", json=body)
+    r = client.post("/feedback", json=body, headers=AUTH)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
 
@@ -333,3 +340,39 @@ def test_the_int8_engine_shows_what_serves_each_version_and_its_measured_accurac
     text = generate_latest(REGISTRY).decode()
     assert f'adaptserve_served_int8{{adapter="site-a",version="1"}} {float(within)}' in text
     assert 'adaptserve_served_int8{adapter="base",version="0"} 1.0' in text
+
+
+LABELLERS = ("labeller-token-one-0123456789", "labeller-token-two-0123456789")
+CONTRIBUTOR = "contributor-token-0123456789"
+
+
+@pytest.fixture
+def roles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTSERVE_LABELLER_TOKENS", ",".join(LABELLERS))
+    monkeypatch.setenv("ADAPTSERVE_CONTRIBUTOR_TOKENS", CONTRIBUTOR)
+
+
+def _as(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_contradicting_labels_are_kept_as_conflicts_not_overwritten(roles, client: TestClient) -> None:
+    image = _png(digits_splits(32).test.images[5])
+
+    def label(token: str, value: str) -> dict:
+        r = client.post("/feedback", json={"image": image, "label": value, "adapter": "site-a"}, headers=_as(token))
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    assert label(LABELLERS[0], "3")["outcome"] == "added"
+    second = label(LABELLERS[1], "5")  # the same trust disagrees: neither wins, the image is set aside
+    assert (second["outcome"], second["stored_label"], second["conflicted"]) == ("conflict", "3", True)
+    untrusted = label(CONTRIBUTOR, "7")
+    assert untrusted["outcome"] == "conflict" and "stored_label" not in untrusted  # told nothing it did not send
+    pending = client.get("/labels/conflicts", params={"adapter": "site-a"}, headers=_as(LABELLERS[0])).json()
+    shown = [(c["kept_label"], c["offered_label"], c["resolution"]) for c in pending["conflicts"]]
+    assert shown == [("3", "5", "pending")]
+    assert client.get("/labels/conflicts", params={"adapter": "site-a"}, headers=_as(CONTRIBUTOR)).status_code == 403
+    assert label(TOKEN, "3")["outcome"] in ("same", "relabelled")  # an admin settles it
+    after = client.get("/labels/conflicts", params={"adapter": "site-a"}, headers=AUTH).json()
+    assert after["conflicts"] == [] and after["summary"]["conflicts"] == 0
