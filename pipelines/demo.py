@@ -131,11 +131,12 @@ def local_url(host: str, port: int) -> str:
 def start_service(
     home: Path, base: Path, port: int, token: str, extra_env: dict[str, str], host: str = "127.0.0.1"
 ) -> subprocess.Popen:
-    """`bentoml serve` of the service on `host`:`port`; loopback by default, since its admin token is the demo's."""
+    """The service on `host`:`port` (loopback by default: its admin token is the demo's), with its metrics in its own
+    state directory (service/serve.py), so the demo never touches another service's."""
     env = dict(os.environ, ADAPTSERVE_HOME=str(home), ADAPTSERVE_BASE_MODEL=str(base), ADAPTSERVE_ADMIN_TOKEN=token)
     env.update(extra_env)
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:AdaptServe", "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "service.serve", "--host", host, "--port", str(port)]
     log = open(home / "demo-service.log", "ab")  # noqa: SIM115 - the child process owns it
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
