@@ -134,7 +134,11 @@ def run_case(name: str, work: Path, base: Path, adapter: Path, open_feedback: bo
 
 
 def main() -> int:
-    base = paths.default_model_dir()
+    import os
+
+    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or paths.default_model_dir())
+    if not (base / "model.json").is_file():
+        raise SystemExit(f"no base model at {base}: run `adaptserve pretrain` or set ADAPTSERVE_BASE_MODEL")
     results = []
     with tempfile.TemporaryDirectory(prefix="adaptserve-poisoning-") as tmp:
         work = Path(tmp)
