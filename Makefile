@@ -23,7 +23,8 @@ serve: model
 
 test: install
 	@.ci/system-deps || echo "warning: could not install chromium/prometheus: the browser and scrape tests will skip"
-	$(BIN)/ruff check models pipelines monitoring service tests
+	$(BIN)/ruff check models pipelines monitoring service benchmarks tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 compare: model

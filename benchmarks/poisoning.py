@@ -31,10 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.demo import DEMO_ENV, train_site_adapter  # noqa: E402
+from benchmarks.serve import ServeProcess  # noqa: E402
 from models import paths  # noqa: E402
-from pipelines.bench_serve import ServeProcess  # noqa: E402
 from pipelines.data import digits_splits, write_image_folder  # noqa: E402
-from pipelines.demo import DEMO_ENV, train_site_adapter  # noqa: E402
 from pipelines.shifts import shift_set  # noqa: E402
 
 TOKEN = "poisoning-bench-admin-token"

@@ -33,6 +33,7 @@ from monitoring.image_stats import STAT_NAMES
 TestKind = Literal["embedding", "numeric", "categorical"]
 TestOutcome = tuple[float, float]  # (statistic, p_value)
 
+REFERENCE_FILE = "reference.npz"  # a version's ReferenceSet on disk (monitoring/reference.py writes it)
 EMBEDDING_FEATURE = "embedding"
 CLASS_FEATURE = "predicted_class"
 OUTPUT_FEATURES: tuple[str, ...] = ("confidence", "entropy")

@@ -5,7 +5,7 @@
   builds PredictionRecords and hands them to an AsyncCapture writing `<home>/capture.db` (bounded per adapter and
   in time).
 * check(adapter): the adapter's latest `window` records of one version (the champion unless given) against that
-  version's `reference.npz` (written by models.publish; the base model's own reference for "base") with a cached
+  version's `reference.npz` (written by monitoring.reference; the base model's own reference for "base") with a cached
   monitoring.detectors.DriftDetector, run with numpy's BLAS on one thread; tens of milliseconds. Every result goes
   to `<home>/monitor.db`, to the Prometheus gauges of monitoring.metrics and, every REPORT_EVERY-th check of an
   adapter, to an Evidently report (`<home>/reports/<adapter>/*.html` plus the workspace `<home>/evidently`),
@@ -43,13 +43,12 @@ from PIL import Image
 from models.registry import NAME_PATTERN
 from models.sqlite import transaction
 from monitoring.capture import AsyncCapture, CaptureStore, keep_sample, make_records
-from monitoring.detectors import DriftConfig, DriftDetector, ReferenceSet
+from monitoring.detectors import REFERENCE_FILE, DriftConfig, DriftDetector, ReferenceSet
 from monitoring.image_stats import batch_image_stats
 
 _NAME_RE = re.compile(NAME_PATTERN)
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference.npz"  # an adapter version's drift ReferenceSet, written by models.publish
 BASE = "base"  # engine key ("base", 0): traffic served by the plain base model
 Key = tuple[str, int]
 _MAX_DETECTORS = 64  # cached (adapter, version) detectors; each holds its reference (~1 MB at 500 x 512)
@@ -353,7 +352,7 @@ class _Batch:
 
 
 def _class_names(base_dir: Path) -> list[str]:
-    """Class names from the base model's model.json (adapters must share them: models.publish.check_fits)."""
+    """Class names from the base model's model.json (adapters must share them: pipelines.release.check_fits)."""
     return list(json.loads((Path(base_dir) / "model.json").read_text())["classes"])
 
 
@@ -542,7 +541,7 @@ class DriftMonitor:
 
     def _reference_path(self, key: Key) -> Path:
         if key == (BASE, 0):
-            from models.publish import base_reference  # imports torch, which a serving worker has loaded anyway
+            from monitoring.reference import base_reference  # imports torch: only a serving worker gets here
 
             try:
                 return base_reference(self.base_dir, self.home)

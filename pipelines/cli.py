@@ -361,8 +361,8 @@ def demo(
 
     Exit status: 0 promoted, 3 the gate rejected the challenger, 1 the job failed or the time limit was reached
     (the output says what it was still waiting for)."""
-    from pipelines.demo import DemoConfig
-    from pipelines.demo import demo as run
+    from benchmarks.demo import DemoConfig
+    from benchmarks.demo import demo as run
 
     if url and not token:
         _fail("--url needs the service's admin token (--token or ADAPTSERVE_ADMIN_TOKEN) to register the adapter")
@@ -385,7 +385,9 @@ app.add_typer(schedules_app, name="schedules")
 app.command("retrain")(retrain_command)
 
 
-from pipelines import bench_drift, bench_retrain, bench_serve  # noqa: E402
+from benchmarks import drift as bench_drift  # noqa: E402 - the CLI is the one entry point above every layer
+from benchmarks import retrain as bench_retrain  # noqa: E402
+from benchmarks import serve as bench_serve  # noqa: E402
 from pipelines.labels import data_add, data_conflicts  # noqa: E402
 
 bench_app = typer.Typer(help="Benchmarks: results in benchmarks/results/, one JSON line last.", no_args_is_help=True)
@@ -483,8 +485,8 @@ def adapters_register(
     import signal
 
     from models.artifacts import ArtifactError
-    from models.publish import publish
     from models.registry import RegistryError
+    from pipelines.release import publish
 
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

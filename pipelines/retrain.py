@@ -445,7 +445,7 @@ def _publish(
     registry, adapter: str, job: _Inputs, challenger: nn.Module, cfg: RetrainConfig, numbers: dict, metrics: dict
 ) -> AdapterVersion:
     """Save the challenger as a PEFT adapter with its reference samples, then publish + promote (a hot swap)."""
-    from models.publish import publish
+    from pipelines.release import publish
 
     meta = _adapter_meta(
         job.base_meta,

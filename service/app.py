@@ -252,7 +252,7 @@ class AdaptServe:
         import shutil
 
         from models.archive import extract
-        from models.publish import publish
+        from pipelines.release import publish
 
         with self.rt.registry.staging() as tmp:
             upload = tmp / "upload"

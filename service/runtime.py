@@ -108,8 +108,8 @@ class Runtime:
         """Recent inputs by prediction id, so POST /feedback can label a prediction; written off the hot path."""
         if not self.cfg.feedback_max:
             return None, None
-        from pipelines.labels import InputCache
         from service.background import OffPath
+        from service.inputs import InputCache
 
         cache = InputCache(self.cfg.home, ttl_s=self.cfg.feedback_ttl_s, max_items=self.cfg.feedback_max)
         return cache, OffPath("feedback-inputs")

@@ -35,8 +35,8 @@ def source_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def _service_home_template(tmp_path_factory: pytest.TempPathFactory, source_model: Path) -> Path:
     """A service state dir: site-a v1 (champion), v2; site-b v1 (champion); base ONNX pre-built."""
-    from models.publish import make_random_adapter, publish
     from models.registry import open_registry
+    from pipelines.release import make_random_adapter, publish
 
     home = tmp_path_factory.mktemp("service-home")
     registry = open_registry(home)

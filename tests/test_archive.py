@@ -437,7 +437,7 @@ def test_valid_archive_extracts_to_the_adapter_dir(
 def test_real_adapter_fits_the_default_limits_with_a_wide_margin(
     tmp_path: Path, dest: Path, source_model: Path
 ) -> None:
-    from models.publish import make_random_adapter
+    from pipelines.release import make_random_adapter
 
     adapter = make_random_adapter(source_model, tmp_path / "src" / "adapter", seed=1)
     shutil.copytree(source_model / "samples", adapter / "samples")
@@ -455,7 +455,7 @@ def test_real_adapter_fits_the_default_limits_with_a_wide_margin(
 def test_publish_extract_archive_delegates_with_the_env_limits(
     tmp_path: Path, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from models.publish import extract_archive
+    from pipelines.release import extract_archive
 
     zip_of()(tmp_path / "upload.zip")
     assert extract_archive(tmp_path / "upload.zip", dest) == dest / "adapter"
@@ -557,7 +557,7 @@ def test_register_command_turns_sigterm_into_a_clean_exit(
 
     from typer.testing import CliRunner
 
-    import models.publish
+    import pipelines.release
     from pipelines.cli import app
 
     stages: list[Path] = []
@@ -568,7 +568,7 @@ def test_register_command_turns_sigterm_into_a_clean_exit(
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)
 
-    monkeypatch.setattr(models.publish, "publish", publish)
+    monkeypatch.setattr(pipelines.release, "publish", publish)
     before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(app, ["adapters", "register", "site", str(tmp_path), "--base", str(tmp_path)])
     assert result.exit_code == 143
@@ -579,7 +579,7 @@ def test_register_command_turns_sigterm_into_a_clean_exit(
 def test_publish_stages_under_the_registry_home(
     tmp_path: Path, source_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from models.publish import make_random_adapter, publish
+    from pipelines.release import make_random_adapter, publish
 
     registry = open_registry(tmp_path / "reg")
     registered_from: list[Path] = []

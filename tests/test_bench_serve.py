@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.bench_serve import (
+from benchmarks.serve import (
     NOTES,
     ROOT,
     BenchConfig,
@@ -148,7 +148,7 @@ KEYS = {
 def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> None:
     """Three servers (onnx-int8, fp32 onnx, the torch batch-1 baseline) on random 32x32 resnet18s, 2 s a phase."""
     env = {**os.environ, "ADAPTSERVE_HOME": str(tmp_path / "unused-home")}
-    cmd = [sys.executable, "-m", "pipelines.bench_serve", "--quick", "--out-dir", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "benchmarks.serve", "--quick", "--out-dir", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -169,7 +169,7 @@ def test_worker_pids_skips_children_that_exited_unreaped(tmp_path: Path) -> None
     asking for its command line must not fail the caller."""
     import psutil
 
-    from pipelines.bench_serve import ServeProcess
+    from benchmarks.serve import ServeProcess
 
     server = ServeProcess({}, tmp_path)
     # the shell starts a child that exits at once, then becomes `sleep`, which never reaps it: a zombie

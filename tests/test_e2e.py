@@ -28,7 +28,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipelines.demo import (
+from benchmarks.demo import (
     DEMO_ENV,
     Client,
     DemoConfig,
@@ -191,7 +191,7 @@ def test_the_shifted_phase_ends_with_an_outcome_or_says_what_it_waited_for(
 
 def test_the_demo_service_listens_on_loopback_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     started: list[list[str]] = []
-    monkeypatch.setattr("pipelines.demo.subprocess.Popen", lambda cmd, **kw: started.append(cmd))
+    monkeypatch.setattr("benchmarks.demo.subprocess.Popen", lambda cmd, **kw: started.append(cmd))
     start_service(tmp_path, tmp_path / "base", 8123, "t", {})
     start_service(tmp_path, tmp_path / "base", 8124, "t", {}, host="0.0.0.0")
     assert [c[c.index("--host"):] for c in started] == [

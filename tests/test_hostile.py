@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.serve import ServeProcess
 from models.registry import open_registry
-from pipelines.bench_serve import ServeProcess
 from pipelines.data import digits_splits
 
 pytestmark = pytest.mark.slow

@@ -12,16 +12,8 @@ from PIL import Image
 
 from models.preprocessing import Preprocessing
 from pipelines.data import DataError
-from pipelines.labels import (
-    ExpiredPredictionError,
-    InputCache,
-    LabelError,
-    LabelStore,
-    Trust,
-    UnknownPredictionError,
-    example_id,
-    prepare_image,
-)
+from pipelines.labels import LabelError, LabelStore, Trust, example_id, prepare_image
+from service.inputs import ExpiredPredictionError, InputCache, UnknownPredictionError
 
 CLASSES = ["cat", "dog", "fox"]
 

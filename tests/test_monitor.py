@@ -344,7 +344,7 @@ def test_bench_quick_run_prints_the_json_line_and_writes_results(source_model: P
     import typer
     from typer.testing import CliRunner
 
-    from pipelines.bench_drift import command
+    from benchmarks.drift import command
 
     app = typer.Typer()
     app.command("drift")(command)

@@ -10,12 +10,12 @@ import pytest
 
 from models.artifacts import load_model, preprocessing_of
 from models.export import session
-from models.publish import base_reference, base_reference_path, make_random_adapter, publish
 from models.registry import open_registry
 from models.samples import load_samples, sample_path, save_samples
-from monitoring.detectors import ReferenceSet
+from monitoring.detectors import REFERENCE_FILE, ReferenceSet
 from monitoring.image_stats import STAT_NAMES, batch_image_stats
-from monitoring.monitor import REFERENCE_FILE
+from monitoring.reference import base_reference, base_reference_path
+from pipelines.release import make_random_adapter, publish
 
 
 def _onnx_outputs(onnx: Path, images: list, base_dir: Path) -> tuple[np.ndarray, np.ndarray]:

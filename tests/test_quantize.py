@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from models.artifacts import load_model, preprocessing_of
-from models.publish import make_random_adapter, publish
 from models.quantize import (
     CALIBRATION_IMAGES,
     INT8_FILE,
@@ -22,6 +21,7 @@ from models.quantize import (
 )
 from models.registry import open_registry
 from models.samples import load_samples, sample_path, save_samples
+from pipelines.release import make_random_adapter, publish
 from service.engine import BASE, OnnxEngine
 
 

@@ -137,7 +137,7 @@ def test_new_adapter_is_trained_from_the_base_gated_and_promoted(tmp_path: Path,
 
 
 def test_retrain_from_champion_promotes_and_rollback_restores_it(tmp_path: Path, source_model: Path) -> None:
-    from models.publish import make_random_adapter, publish
+    from pipelines.release import make_random_adapter, publish
 
     registry = open_registry(tmp_path)
     v1 = publish(registry, "site", make_random_adapter(source_model, tmp_path / "v1", seed=1), source_model, True)

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines.bench_serve import ServeProcess
+from benchmarks.serve import ServeProcess
 from pipelines.data import digits_splits
 
 pytestmark = pytest.mark.slow

@@ -163,7 +163,7 @@ def test_promote_rollback_and_delete(client: TestClient) -> None:
 def test_register_an_uploaded_adapter_archive(
     client: TestClient, service_home: Path, source_model: Path, tmp_path: Path
 ) -> None:
-    from models.publish import make_random_adapter
+    from pipelines.release import make_random_adapter
 
     src = make_random_adapter(source_model, tmp_path / "new", seed=9)
     archive = tmp_path / "adapter.tar.gz"
@@ -182,7 +182,7 @@ def test_register_an_uploaded_adapter_archive(
 
 
 def test_register_refuses_an_adapter_of_another_base(client: TestClient, tmp_path: Path, source_model: Path) -> None:
-    from models.publish import make_random_adapter
+    from pipelines.release import make_random_adapter
 
     src = make_random_adapter(source_model, tmp_path / "new", seed=9)
     meta = json.loads((src / "metadata.json").read_text())

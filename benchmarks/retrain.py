@@ -54,8 +54,8 @@ def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, 
     """The site's current champion: a LoRA (the retrain config's rank/targets) trained briefly on clean digits."""
     from models.artifacts import load_model, model_id, preprocessing_of, save_adapter
     from models.preprocessing import parse_augment
-    from models.publish import publish
     from models.samples import sample_path, save_image_set
+    from pipelines.release import publish
     from pipelines.retrain import challenger_from, split_labels
     from pipelines.train import TrainConfig, fit, seed_everything
 
@@ -97,7 +97,8 @@ def _accuracy(registry, base_dir: Path, dataset: ImageSet) -> float:
 
 def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> int:
     """Serve the stream through the input cache; label a seeded fraction by prediction id, as POST /feedback."""
-    from pipelines.labels import InputCache, LabelStore, Trust
+    from pipelines.labels import LabelStore, Trust
+    from service.inputs import InputCache
 
     cache, store = InputCache(home), LabelStore(home)
     ids = [f"bench-{cfg.seed}-{i:05d}" for i in range(len(stream))]

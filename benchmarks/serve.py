@@ -644,10 +644,10 @@ def build_home(
 ) -> list[str]:
     """`n` adapters with one promoted version each, plus a second version of the first (for the swap phase);
     `int8`: published with their int8 models, as a service running onnx-int8 publishes them."""
-    from models.publish import make_random_adapter, publish
     from models.registry import open_registry
+    from pipelines.release import make_random_adapter, publish
 
-    logging.getLogger("models.publish").setLevel(logging.ERROR)  # random adapters have no drift reference samples
+    logging.getLogger("monitoring.reference").setLevel(logging.ERROR)  # random adapters have no reference samples
     registry = open_registry(home)
     names = adapter_names(n)
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
@@ -923,7 +923,7 @@ def _command_line() -> str:
     args = sys.argv[1:]
     if prog == "adaptserve":
         return shlex.join(["adaptserve", *args])
-    return shlex.join(["python", "-m", "pipelines.bench_serve", *args])
+    return shlex.join(["python", "-m", "benchmarks.serve", *args])
 
 
 TARGETS = [

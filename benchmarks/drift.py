@@ -4,7 +4,7 @@ On the embedded source model (resnet18 on scikit-learn's digits; pretrained into
 given), traffic is the held-out test split (359 images, never trained on, not in the reference) run through the
 serving engine (OnnxEngine: one pass gives logits and embedding), recorded as the service records it (image
 statistics of the original image, confidence, entropy, class, float16 embeddings) and checked against the base
-model's drift reference (models.publish.base_reference: its validation split) with the service's DriftDetector:
+model's drift reference (monitoring.reference.base_reference: its validation split) with the service's DriftDetector:
 
 * false_alarm_rate: clean traffic only, `--clean-trials` random orders of the test split with a detector seeded
   per trial; a check every `--every` requests over the latest `--window` records; the fraction that alarm.
@@ -21,7 +21,7 @@ model's drift reference (models.publish.base_reference: its validation split) wi
   from process CPU time.
 
 The last line printed is one JSON object; --out writes drift.md and drift.json there.
-Run: `adaptserve bench drift` or `python -m pipelines.bench_drift`.
+Run: `adaptserve bench drift` or `python -m benchmarks.drift`.
 """
 
 from __future__ import annotations
@@ -282,9 +282,9 @@ def run(
     model: Path | None, work: Path, *, window: int, every: int, clean_trials: int, trials: int,
     shifts: Sequence[str], severities: Sequence[int], reps: int, evidently: bool, seed: int, quick: bool = False,
 ) -> dict[str, Any]:
-    from models.publish import base_reference
     from monitoring.detectors import ReferenceSet, time_check
     from monitoring.monitor import one_blas_thread
+    from monitoring.reference import base_reference
     from pipelines.data import digits_splits
     from pipelines.shifts import shift_set
 
