@@ -21,7 +21,7 @@ from PIL import Image
 
 from models.artifacts import load_model, model_id, preprocessing_of
 from models.export import softmax
-from models.registry import RegistryError, open_registry
+from models.registry import AdapterNotFoundError, CorruptAdapterError, RegistryError, open_registry
 from service import metrics
 from service.config import ServiceConfig
 from service.engine import BASE, Engine, Key, OnnxEngine, TorchEngine
@@ -212,9 +212,10 @@ class Runtime:
 
     def preflight(self, name: str, version: int) -> None:
         """Before a promote: every file matches its sha256 and this worker's engine loads it (409 otherwise)."""
-        self.registry.verify(name, version)  # CorruptAdapterError (409) lists each changed or missing file
         try:
-            self._load(name, version)
+            self._load(name, version)  # re-hashes first: CorruptAdapterError (409) lists each changed or missing file
+        except (CorruptAdapterError, AdapterNotFoundError):
+            raise
         except Exception as err:
             raise UnloadableVersionError(f"adapter {name!r} version {version} cannot be served: {err}") from err
 
