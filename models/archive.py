@@ -25,11 +25,12 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
+from models import settings
 from models.artifacts import ADAPTER_FILES, ArtifactError
 
 _MIB = 1 << 20
@@ -49,17 +50,11 @@ _NEITHER = "upload is neither a zip nor a tar archive of the adapter directory"
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """How much an uploaded adapter archive may unpack to; from_env() reads the overrides."""
+    """How much an uploaded adapter archive may unpack to (settings archive_max_*); from_env() reads them."""
 
-    max_total_bytes: int = field(default=512 * _MIB, metadata={
-        "env": "ADAPTSERVE_ARCHIVE_MAX_TOTAL_BYTES",
-        "help": "most bytes all files of an uploaded adapter archive may unpack to, together (default 512 MiB)"})
-    max_file_bytes: int = field(default=256 * _MIB, metadata={
-        "env": "ADAPTSERVE_ARCHIVE_MAX_FILE_BYTES",
-        "help": "most bytes one file of an uploaded adapter archive may unpack to (default 256 MiB)"})
-    max_files: int = field(default=256, metadata={
-        "env": "ADAPTSERVE_ARCHIVE_MAX_FILES",
-        "help": "most members (files and directories) an uploaded adapter archive may hold (default 256)"})
+    max_total_bytes: int = settings.default("archive_max_total_bytes")
+    max_file_bytes: int = settings.default("archive_max_file_bytes")
+    max_files: int = settings.default("archive_max_files")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -69,22 +64,13 @@ class ArchiveLimits:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ArchiveLimits:
-        """The defaults, overridden by each ADAPTSERVE_ARCHIVE_* variable that is set (os.environ by default)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, int] = {}
-        for f in fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is None:
-                continue
-            values[f.name] = int(raw) if raw.strip().isdecimal() else 0
-            if values[f.name] < 1:
-                raise ValueError(f"{f.metadata['env']}={raw!r} is not an integer >= 1; unset it for the default "
-                                 f"{f.default}")
-        return cls(**values)
+        """The ADAPTSERVE_ARCHIVE_* settings (os.environ by default); a bad value raises SettingsError naming it."""
+        s = settings.load(environ)
+        return cls(s.archive_max_total_bytes, s.archive_max_file_bytes, s.archive_max_files)
 
 
 def _env(name: str) -> str:
-    return next(f.metadata["env"] for f in fields(ArchiveLimits) if f.name == name)
+    return settings.env_name(f"archive_{name}")
 
 
 class ArchiveError(ArtifactError):

@@ -1,15 +1,16 @@
-"""Where state lives. One source of truth: ADAPTSERVE_HOME (default ./.adaptserve)."""
+"""Where state lives. One source of truth: the ADAPTSERVE_HOME setting (default ./.adaptserve)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from models import settings
 
 DEFAULT_MODEL_NAME = "digits-resnet18"
 
 
 def home() -> Path:
-    return Path(os.environ.get("ADAPTSERVE_HOME", ".adaptserve")).resolve()
+    return settings.load().home.resolve()
 
 
 def models_dir() -> Path:

@@ -173,7 +173,7 @@ def _checked(build: Any) -> Settings:
 
 
 def _message(error: Mapping[str, Any]) -> str:
-    """One pydantic error as `ADAPTSERVE_X='raw' <what is wrong>`."""
+    """One pydantic error as `ADAPTSERVE_<NAME>='raw' <what is wrong> (default <value>)`."""
     field = str(error["loc"][0]) if error.get("loc") else ""
     name = env_name(field) if field in Settings.model_fields else field
     ctx, kind = error.get("ctx") or {}, error["type"]
@@ -184,7 +184,10 @@ def _message(error: Mapping[str, Any]) -> str:
         "less_than_equal": f"must be <= {ctx.get('le')}", "less_than": f"must be < {ctx.get('lt')}",
         "literal_error": f"must be one of {ctx.get('expected', '')}".replace("'", ""),
     }.get(kind, error.get("msg", "is not valid"))
-    return f"{name}={error.get('input')!r} {what}"
+    value = Settings.model_fields[field].default if field in Settings.model_fields else None
+    shown = ("1" if value else "0") if isinstance(value, bool) else "" if value in ("", None) else str(value)
+    hint = f" (default {shown})" if shown else ""
+    return f"{name}={error.get('input')!r} {what}{hint}"
 
 
 # --------------------------------------------------------------------------------------------- reference table

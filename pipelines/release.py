@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models import settings
 from models.archive import ArchiveLimits, extract
 from models.artifacts import (
     ArtifactError,
@@ -52,7 +52,7 @@ def check_fits(adapter_dir: Path, base_meta: dict[str, Any]) -> dict[str, Any]:
 def wants_int8() -> bool:
     """Publishing for a service that runs the int8 engine (ADAPTSERVE_ENGINE=onnx-int8 in this environment: the
     service's own register route and the retrain jobs it starts inherit it)."""
-    return os.environ.get("ADAPTSERVE_ENGINE", "") == "onnx-int8"
+    return settings.load().engine == "onnx-int8"
 
 
 def prebuild_int8(staged: Path, base_dir: Path, base_meta: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models import settings
 from models.registry import MAX_VERSION, NAME_PATTERN
 from service import errors
 from service.auth import Authenticator, Principal
@@ -65,24 +66,24 @@ class FeedbackRequest(BaseModel):
 
 @bentoml.service(
     name="adaptserve",
-    workers=int(os.environ.get("ADAPTSERVE_WORKERS", "1")),
+    # BentoML takes the worker count from this decorator, so this one setting is read when the module is imported
+    # (a bad value fails the import with the variable's name); every other setting is read in __init__.
+    workers=settings.load().workers,
     traffic={"timeout": 120, "max_concurrency": 1024},
 )
 @bentoml.asgi_app(api, path="/")
 class AdaptServe:
     def __init__(self) -> None:
         # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode
-        from models.archive import ArchiveLimits
         from pipelines.jobs import JobStore, ScheduleStore
         from pipelines.labels import LabelStore
         from service.config import ServiceConfig
-        from service.decode import DecodeLimits
         from service.runtime import Runtime
 
         self.cfg = ServiceConfig.from_env()
         self.auth = Authenticator(self.cfg.home)
-        self.limits = DecodeLimits.from_env()
-        self.archive_limits = ArchiveLimits.from_env()
+        self.limits = self.cfg.limits
+        self.archive_limits = self.cfg.archive_limits
         self.rt = Runtime(self.cfg)
         self.labels = LabelStore(self.cfg.home)
         self.jobs = JobStore(self.cfg.home)

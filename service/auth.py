@@ -26,18 +26,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from models import settings
 from service.errors import ForbiddenError, UnauthorizedError
 
 ROLES = ("client", "contributor", "labeller", "admin")  # each role may do what the ones before it may
 RANK = {role: i for i, role in enumerate(ROLES)}
-ENV_TOKENS = {
-    "admin": ("ADAPTSERVE_ADMIN_TOKEN", "ADAPTSERVE_ADMIN_TOKENS"),
-    "labeller": ("ADAPTSERVE_LABELLER_TOKENS",),
-    "contributor": ("ADAPTSERVE_CONTRIBUTOR_TOKENS",),
-    "client": ("ADAPTSERVE_CLIENT_TOKENS",),
+TOKEN_SETTINGS = {  # role -> the settings holding its comma-separated tokens
+    "admin": ("admin_token", "admin_tokens"),
+    "labeller": ("labeller_tokens",),
+    "contributor": ("contributor_tokens",),
+    "client": ("client_tokens",),
 }
-TOKENS_FILE_ENV = "ADAPTSERVE_TOKENS_FILE"
-FEEDBACK_OPEN_ENV = "ADAPTSERVE_FEEDBACK_OPEN"
+ENV_TOKENS = {role: tuple(settings.env_name(f) for f in names) for role, names in TOKEN_SETTINGS.items()}
+TOKENS_FILE_ENV = settings.env_name("tokens_file")
+FEEDBACK_OPEN_ENV = settings.env_name("feedback_open")
 TOKENS_FILE = "tokens"
 
 
@@ -107,24 +109,24 @@ def generate_tokens(path: Path, roles: tuple[str, ...] = ("admin", "labeller")) 
     return tokens
 
 
-def tokens_file_path(home: Path) -> Path:
-    return Path(os.environ.get(TOKENS_FILE_ENV) or Path(home) / TOKENS_FILE)
+def tokens_file_path(home: Path, s: settings.Settings | None = None) -> Path:
+    return (s or settings.load()).tokens_file or Path(home) / TOKENS_FILE
 
 
 class Authenticator:
     """Resolves `Authorization` headers to a Principal; raises 401/403 through `require`."""
 
     def __init__(self, home: Path, environ: dict[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self.file = Path(env.get(TOKENS_FILE_ENV) or Path(home) / TOKENS_FILE)
+        s = settings.load(environ)
+        self.file = tokens_file_path(home, s)
         self._env_tokens = [
             _Token(_digest(tok), role, _name(role, tok, "env"))
-            for role, names in ENV_TOKENS.items()
-            for var in names
-            for tok in (t.strip() for t in env.get(var, "").split(","))
+            for role, names in TOKEN_SETTINGS.items()
+            for name in names
+            for tok in (t.strip() for t in getattr(s, name).split(","))
             if tok
         ]
-        self.feedback_open = env.get(FEEDBACK_OPEN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.feedback_open = s.feedback_open
         self._lock = threading.Lock()
         self._file_stamp: tuple[int, int] | None = None
         self._file_tokens: list[_Token] = []

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import binascii
 import io
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -34,6 +33,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models import settings
 from models.preprocessing import to_rgb
 
 __all__ = [
@@ -50,11 +50,6 @@ __all__ = [
 # Formats never opened from a request: EPS is rasterised by running Ghostscript on the data.
 REFUSED_FORMATS = frozenset({"EPS"})
 
-_ENV_NAMES = {
-    "max_pixels": "ADAPTSERVE_MAX_PIXELS",
-    "max_images": "ADAPTSERVE_MAX_IMAGES",
-    "max_image_bytes": "ADAPTSERVE_MAX_IMAGE_BYTES",
-}
 _PILLOW_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in DecompressionBombError's message
 _MAX_DETAIL = 200  # characters of a library's error message quoted back to the client
 
@@ -88,11 +83,11 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Per-request input limits; `from_env` reads them from ADAPTSERVE_MAX_* variables."""
+    """Per-request input limits (settings max_pixels, max_images, max_image_bytes); `from_env` reads them."""
 
-    max_pixels: int = 40_000_000
-    max_images: int = 32
-    max_image_bytes: int = 20 * 2**20
+    max_pixels: int = settings.default("max_pixels")
+    max_images: int = settings.default("max_images")
+    max_image_bytes: int = settings.default("max_image_bytes")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,25 +97,13 @@ class DecodeLimits:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DecodeLimits:
-        """Limits from ADAPTSERVE_MAX_PIXELS, ADAPTSERVE_MAX_IMAGES, ADAPTSERVE_MAX_IMAGE_BYTES.
+        """Limits from ADAPTSERVE_MAX_PIXELS, ADAPTSERVE_MAX_IMAGES, ADAPTSERVE_MAX_IMAGE_BYTES (default os.environ).
 
         Unset or empty variables keep the default; anything but a positive integer (underscores allowed, as in
-        ``40_000_000``) raises ValueError naming the variable.
+        ``40_000_000``) raises SettingsError naming the variable.
         """
-        env = os.environ if environ is None else environ
-        values: dict[str, int] = {}
-        for attr, name in _ENV_NAMES.items():
-            raw = env.get(name, "").strip()
-            if not raw:
-                continue
-            try:
-                value = int(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {raw!r}")
-            values[attr] = value
-        return cls(**values)
+        s = settings.load(environ)
+        return cls(max_pixels=s.max_pixels, max_images=s.max_images, max_image_bytes=s.max_image_bytes)
 
 
 # --- base64 ---------------------------------------------------------------------------------------------------
@@ -181,7 +164,7 @@ def _formats() -> tuple[str, ...]:
 def _too_many_pixels(size: tuple[int, int], limits: DecodeLimits) -> InputError:
     w, h = size
     return InputError(
-        f"{w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels} ({_ENV_NAMES['max_pixels']})",
+        f"{w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels} ({settings.env_name('max_pixels')})",
         status=413,
     )
 
@@ -208,7 +191,7 @@ def _bomb_error(err: Exception, data: bytes, limits: DecodeLimits) -> InputError
     claimed = _PILLOW_BOMB_PIXELS.search(str(err))
     if size is None and claimed and int(claimed.group(1)) > limits.max_pixels:
         # a plugin that refuses while reading its header (WebP): only Pillow's pixel count is known
-        pixels, env = claimed.group(1), _ENV_NAMES["max_pixels"]
+        pixels, env = claimed.group(1), settings.env_name("max_pixels")
         return InputError(f"image of {pixels} pixels exceeds the limit of {limits.max_pixels} ({env})", status=413)
     # The header is within our limit but Pillow refused anyway: its own limit is lower, or a plugin grew the
     # canvas while decoding (GIF frames larger than the logical screen).
@@ -239,7 +222,7 @@ def open_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
     if len(data) > limits.max_image_bytes:
         raise InputError(
             f"image data of {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes "
-            f"({_ENV_NAMES['max_image_bytes']})",
+            f"({settings.env_name('max_image_bytes')})",
             status=413,
         )
     try:
@@ -321,7 +304,7 @@ def decode_images_and_bytes(
     if len(items) > limits.max_images:
         raise InputError(
             f"{field}: {len(items)} images exceed the limit of {limits.max_images} per request "
-            f"({_ENV_NAMES['max_images']})"
+            f"({settings.env_name('max_images')})"
         )
     for i, item in enumerate(items):
         if not isinstance(item, str):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-DEFAULT_MAX_BODY = 64 * 2**20
+from models import settings
+
 DRAIN_SECONDS = 2.0  # how long a refused body is read and dropped before the connection closes
 
 
@@ -33,7 +33,7 @@ async def _send_json(send: Any, status: int, payload: dict, headers: dict[str, s
 class BodyLimitMiddleware:
     def __init__(self, app: Any, max_bytes: int | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes or int(os.environ.get("ADAPTSERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY))
+        self.max_bytes = max_bytes or settings.load().max_body_bytes
 
     async def _reject(self, send: Any, receive: Any, size: int | str, more_body: bool) -> None:
         message = f"request body of {size} bytes exceeds the limit of {self.max_bytes} (ADAPTSERVE_MAX_BODY_BYTES)"

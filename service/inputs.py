@@ -9,7 +9,6 @@ disposable, a process crash keeps it, power loss may not), safe across threads a
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -19,13 +18,12 @@ from typing import Any
 
 from PIL import Image
 
+from models import settings
 from models.sqlite import connect, init_db, transaction
 from pipelines.labels import DEFAULT_MAX_SHORT_SIDE, encode_png, prepare_image
 from service.decode import DecodeLimits, open_image
 
 INPUTS_DB = "inputs.db"
-TTL_ENV = "ADAPTSERVE_FEEDBACK_TTL_S"
-MAX_ITEMS_ENV = "ADAPTSERVE_FEEDBACK_MAX_ITEMS"
 
 
 class UnknownPredictionError(LookupError):
@@ -89,8 +87,8 @@ class InputCache:
     def __init__(
         self,
         home: str | Path,
-        ttl_s: float = 3600.0,
-        max_items: int = 20000,
+        ttl_s: float = settings.default("feedback_ttl_s"),
+        max_items: int = settings.default("feedback_max_items"),
         max_short_side: int | None = DEFAULT_MAX_SHORT_SIDE,
         max_tombstones: int | None = None,
         timeout_s: float = 10.0,
@@ -109,11 +107,10 @@ class InputCache:
 
     @classmethod
     def from_env(cls, home: str | Path, **kwargs: Any) -> InputCache:
-        """ttl_s from $ADAPTSERVE_FEEDBACK_TTL_S and max_items from $ADAPTSERVE_FEEDBACK_MAX_ITEMS when set."""
-        if os.environ.get(TTL_ENV):
-            kwargs.setdefault("ttl_s", float(os.environ[TTL_ENV]))
-        if os.environ.get(MAX_ITEMS_ENV):
-            kwargs.setdefault("max_items", int(os.environ[MAX_ITEMS_ENV]))
+        """ttl_s and max_items from the settings feedback_ttl_s and feedback_max_items (ADAPTSERVE_FEEDBACK_*)."""
+        s = settings.load()
+        kwargs.setdefault("ttl_s", s.feedback_ttl_s)
+        kwargs.setdefault("max_items", s.feedback_max_items)
         return cls(home, **kwargs)
 
     def put_many(
@@ -204,11 +201,12 @@ class InputCache:
         if dropped == "capacity":
             raise ExpiredPredictionError(
                 f"prediction id {prediction_id!r} expired: only the newest {self.max_items} inputs are kept "
-                f"({MAX_ITEMS_ENV}); send the image with the label instead"
+                "(ADAPTSERVE_FEEDBACK_MAX_ITEMS); send the image with the label instead"
             )
         if png is None or age > self.ttl_s:
             raise ExpiredPredictionError(
-                f"prediction id {prediction_id!r} expired: inputs are kept for {self.ttl_s:g} s ({TTL_ENV}); "
+                f"prediction id {prediction_id!r} expired: inputs are kept for {self.ttl_s:g} s "
+                "(ADAPTSERVE_FEEDBACK_TTL_S); "
                 "send the image with the label instead"
             )
         return adapter, int(version), self._image(png)

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from models import paths
+from models import paths, settings
 
 
 def multiproc_dir(home: Path, port: int) -> Path:
@@ -25,7 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=3000, help="HTTP port (default: 3000)")
     args = parser.parse_args(argv)
+    try:  # validated before BentoML starts workers: one clear line instead of a traceback per worker
+        settings.load()
+    except settings.SettingsError as err:
+        print(f"adaptserve: {err}", file=sys.stderr)
+        return 2
 
+    # heavy: BentoML's CLI and container, only once the settings are known to be good
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml_cli.cli import cli
 

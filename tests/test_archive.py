@@ -473,6 +473,7 @@ def test_publish_extract_archive_delegates_with_the_env_limits(
         pytest.param({}, ArchiveLimits(512 * MIB, 256 * MIB, 256), id="defaults"),
         pytest.param({"ADAPTSERVE_ARCHIVE_MAX_TOTAL_BYTES": "1000", "ADAPTSERVE_ARCHIVE_MAX_FILE_BYTES": " 10 ",
                       "ADAPTSERVE_ARCHIVE_MAX_FILES": "3"}, ArchiveLimits(1000, 10, 3), id="all-set"),
+        pytest.param({"ADAPTSERVE_ARCHIVE_MAX_FILES": ""}, ArchiveLimits(), id="empty-is-default"),
     ],
 )
 def test_limits_from_env(env: dict[str, str], expected: ArchiveLimits) -> None:
@@ -483,17 +484,12 @@ def test_limits_from_env(env: dict[str, str], expected: ArchiveLimits) -> None:
     ("env", "message"),
     [
         pytest.param({"ADAPTSERVE_ARCHIVE_MAX_FILES": "0"},
-                     "ADAPTSERVE_ARCHIVE_MAX_FILES='0' is not an integer >= 1; unset it for the default 256",
-                     id="zero"),
+                     "ADAPTSERVE_ARCHIVE_MAX_FILES='0' must be >= 1 (default 256)", id="zero"),
         pytest.param({"ADAPTSERVE_ARCHIVE_MAX_FILE_BYTES": "-5"},
-                     "ADAPTSERVE_ARCHIVE_MAX_FILE_BYTES='-5' is not an integer >= 1; unset it for the default "
-                     "268435456", id="negative"),
+                     "ADAPTSERVE_ARCHIVE_MAX_FILE_BYTES='-5' must be >= 1 (default 268435456)", id="negative"),
         pytest.param({"ADAPTSERVE_ARCHIVE_MAX_TOTAL_BYTES": "1.5e9"},
-                     "ADAPTSERVE_ARCHIVE_MAX_TOTAL_BYTES='1.5e9' is not an integer >= 1; unset it for the default "
-                     "536870912", id="float"),
-        pytest.param({"ADAPTSERVE_ARCHIVE_MAX_FILES": ""},
-                     "ADAPTSERVE_ARCHIVE_MAX_FILES='' is not an integer >= 1; unset it for the default 256",
-                     id="empty"),
+                     "ADAPTSERVE_ARCHIVE_MAX_TOTAL_BYTES='1.5e9' is not an integer (default 536870912)",
+                     id="float"),
     ],
 )
 def test_limits_from_env_refuse_bad_values(env: dict[str, str], message: str) -> None:
@@ -505,12 +501,15 @@ def test_limits_from_env_refuse_bad_values(env: dict[str, str], message: str) ->
 def test_limits_metadata_and_errors() -> None:
     from dataclasses import fields
 
-    assert {f.name: f.metadata["env"] for f in fields(ArchiveLimits)} == {
+    from models import settings
+
+    assert {f.name: settings.env_name(f"archive_{f.name}") for f in fields(ArchiveLimits)} == {
         "max_total_bytes": "ADAPTSERVE_ARCHIVE_MAX_TOTAL_BYTES",
         "max_file_bytes": "ADAPTSERVE_ARCHIVE_MAX_FILE_BYTES",
         "max_files": "ADAPTSERVE_ARCHIVE_MAX_FILES",
     }
-    assert all(f.metadata["help"] for f in fields(ArchiveLimits))
+    assert all(f.default == settings.default(f"archive_{f.name}") for f in fields(ArchiveLimits))
+    assert all(settings.help_text(f"archive_{f.name}") for f in fields(ArchiveLimits))
     with pytest.raises(ValueError, match=r"^ArchiveLimits.max_files must be an integer >= 1, got 0$"):
         ArchiveLimits(max_files=0)
     assert issubclass(ArchiveTooLargeError, ArchiveError) and issubclass(ArchiveError, ArtifactError)

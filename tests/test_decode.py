@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import struct
 import time
 import zlib
@@ -430,19 +431,21 @@ def test_limits_from_env(clean_env: pytest.MonkeyPatch, env: dict[str, str], exp
 
 
 @pytest.mark.parametrize(
-    ("name", "value"),
+    ("name", "value", "problem"),
     [
-        ("ADAPTSERVE_MAX_PIXELS", "40MP"),
-        ("ADAPTSERVE_MAX_PIXELS", "1.5"),
-        ("ADAPTSERVE_MAX_IMAGES", "0"),
-        ("ADAPTSERVE_MAX_IMAGES", "-3"),
-        ("ADAPTSERVE_MAX_IMAGE_BYTES", "lots"),
+        ("ADAPTSERVE_MAX_PIXELS", "40MP", "is not an integer"),
+        ("ADAPTSERVE_MAX_PIXELS", "1.5", "is not an integer"),
+        ("ADAPTSERVE_MAX_IMAGES", "0", "must be >= 1"),
+        ("ADAPTSERVE_MAX_IMAGES", "-3", "must be >= 1"),
+        ("ADAPTSERVE_MAX_IMAGE_BYTES", "lots", "is not an integer"),
     ],
     ids=["pixels-unit", "pixels-float", "images-zero", "images-negative", "bytes-word"],
 )
-def test_limits_from_env_rejects_bad_values(clean_env: pytest.MonkeyPatch, name: str, value: str) -> None:
+def test_limits_from_env_rejects_bad_values(
+    clean_env: pytest.MonkeyPatch, name: str, value: str, problem: str
+) -> None:
     clean_env.setenv(name, value)
-    with pytest.raises(ValueError, match=f"^{name} must be a positive integer, got '{value}'$"):
+    with pytest.raises(ValueError, match=rf"^{name}='{re.escape(value)}' {problem} \(default \d+\)$"):
         DecodeLimits.from_env()
 
 

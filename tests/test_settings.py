@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,16 +37,18 @@ def test_os_environ_is_the_default_source(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"ADAPTSERVE_DRIFT_WINDOW": "abc"}, "ADAPTSERVE_DRIFT_WINDOW='abc' is not an integer"),
-        ({"ADAPTSERVE_MAX_BATCH": "1.5"}, "ADAPTSERVE_MAX_BATCH='1.5' is not an integer"),
-        ({"ADAPTSERVE_POLL_S": "soon"}, "ADAPTSERVE_POLL_S='soon' is not a number"),
-        ({"ADAPTSERVE_POLL_S": "0"}, "ADAPTSERVE_POLL_S='0' must be > 0.0"),
-        ({"ADAPTSERVE_MONITOR": "maybe"}, "ADAPTSERVE_MONITOR='maybe' is not 1 or 0"),
-        ({"ADAPTSERVE_DRIFT_ALPHA": "1"}, "ADAPTSERVE_DRIFT_ALPHA='1' must be < 1.0"),
-        ({"ADAPTSERVE_MAX_BODY_BYTES": "10"}, "ADAPTSERVE_MAX_BODY_BYTES='10' must be >= 1024"),
-        ({"ADAPTSERVE_ENGINE": "gpu"}, "ADAPTSERVE_ENGINE='gpu' must be one of onnx, onnx-int8 or torch"),
+        ({"ADAPTSERVE_DRIFT_WINDOW": "abc"}, "ADAPTSERVE_DRIFT_WINDOW='abc' is not an integer (default 500)"),
+        ({"ADAPTSERVE_MAX_BATCH": "1.5"}, "ADAPTSERVE_MAX_BATCH='1.5' is not an integer (default 32)"),
+        ({"ADAPTSERVE_POLL_S": "soon"}, "ADAPTSERVE_POLL_S='soon' is not a number (default 0.25)"),
+        ({"ADAPTSERVE_POLL_S": "0"}, "ADAPTSERVE_POLL_S='0' must be > 0.0 (default 0.25)"),
+        ({"ADAPTSERVE_MONITOR": "maybe"}, "ADAPTSERVE_MONITOR='maybe' is not 1 or 0 (default 1)"),
+        ({"ADAPTSERVE_DRIFT_ALPHA": "1"}, "ADAPTSERVE_DRIFT_ALPHA='1' must be < 1.0 (default 0.01)"),
+        ({"ADAPTSERVE_MAX_BODY_BYTES": "10"}, "ADAPTSERVE_MAX_BODY_BYTES='10' must be >= 1024 (default 67108864)"),
+        ({"ADAPTSERVE_ENGINE": "gpu"},
+         "ADAPTSERVE_ENGINE='gpu' must be one of onnx, onnx-int8 or torch (default onnx)"),
         ({"ADAPTSERVE_ENGINE": "gpu", "ADAPTSERVE_THREADS": "-1"},
-         "ADAPTSERVE_ENGINE='gpu' must be one of onnx, onnx-int8 or torch; ADAPTSERVE_THREADS='-1' must be >= 0"),
+         "ADAPTSERVE_ENGINE='gpu' must be one of onnx, onnx-int8 or torch (default onnx); "
+         "ADAPTSERVE_THREADS='-1' must be >= 0 (default 0)"),
     ],
     ids=["int", "int-from-float", "float", "gt", "bool", "lt", "ge", "choice", "two-at-once"],
 )
@@ -57,7 +60,7 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
 
 def test_bad_os_environ_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTSERVE_THREADS", "lots")
-    with pytest.raises(SettingsError, match=r"^ADAPTSERVE_THREADS='lots' is not an integer$"):
+    with pytest.raises(SettingsError, match=r"^ADAPTSERVE_THREADS='lots' is not an integer \(default 0\)$"):
         settings.load()
 
 
@@ -93,3 +96,19 @@ def test_stale_block_is_detected() -> None:
     fixed = settings.replace_block(stale)
     assert fixed != stale and "ADAPTSERVE_GONE" not in fixed
     assert fixed.startswith("intro\n") and fixed.endswith("rest\n")
+
+
+# Variables that are not settings: test and fault-injection hooks, and prefixes of settings families.
+NOT_SETTINGS = {"ADAPTSERVE_REGISTRY_CRASH_AT", "ADAPTSERVE_TEST_SOURCE_MODEL", "ADAPTSERVE_ARCHIVE_", "ADAPTSERVE_"}
+
+
+def test_every_variable_the_code_names_is_a_setting() -> None:
+    """A message or doc naming ADAPTSERVE_X for a knob that does not exist (a typo, a removed setting) fails here."""
+    known = {settings.env_name(name) for name in Settings.model_fields} | NOT_SETTINGS
+    named: dict[str, str] = {}
+    for package in ("models", "pipelines", "monitoring", "service", "benchmarks"):
+        for path in (ROOT / package).rglob("*.py"):
+            for var in re.findall(r"ADAPTSERVE_[A-Z0-9_]*", path.read_text()):
+                named.setdefault(var, str(path.relative_to(ROOT)))
+    unknown = {var: where for var, where in named.items() if var not in known and not var.endswith("_")}
+    assert unknown == {}
