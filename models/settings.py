@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "ADAPTSERVE_"
@@ -124,6 +124,9 @@ class Settings(BaseSettings):
                                          "have passed", "retrain", gt=0)
 
 
+# The same fields on a plain pydantic model: validates a given mapping without looking at os.environ.
+_Plain = create_model("_Plain", **{name: (info.annotation, info) for name, info in Settings.model_fields.items()})
+
 SECTIONS = {
     "state": "State",
     "serving": "Serving",
@@ -162,7 +165,12 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         return _checked(Settings)
     values = {name: environ[env_name(name)] for name in Settings.model_fields
               if environ.get(env_name(name), "").strip() != ""}
-    return _checked(lambda: Settings.model_validate(values))
+    # BaseSettings reads os.environ in every validation path; the same fields on a plain model see only `values`
+    return _checked(lambda: _from_plain(_Plain.model_validate(values)))
+
+
+def _from_plain(plain: Any) -> Settings:
+    return Settings.model_construct(_fields_set=plain.model_fields_set, **plain.model_dump())
 
 
 def _checked(build: Any) -> Settings:

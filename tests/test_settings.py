@@ -112,3 +112,10 @@ def test_every_variable_the_code_names_is_a_setting() -> None:
                 named.setdefault(var, str(path.relative_to(ROOT)))
     unknown = {var: where for var, where in named.items() if var not in known and not var.endswith("_")}
     assert unknown == {}
+
+
+def test_a_given_mapping_ignores_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTSERVE_DRIFT_WINDOW", "abc")
+    monkeypatch.setenv("ADAPTSERVE_MAX_BATCH", "7")
+    s = settings.load({"ADAPTSERVE_THREADS": "3"})
+    assert (s.drift_window, s.max_batch, s.threads) == (500, 32, 3) and isinstance(s, Settings)
