@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 from typing import Any
 
-_blas: Any = None
+from threadpoolctl import ThreadpoolController
+
+_blas: ThreadpoolController | None = None  # the BLAS libraries loaded in this process
 _blas_lock = threading.Lock()
 
 
-def one_blas_thread() -> Any:
+def one_blas_thread() -> AbstractContextManager[Any]:
     """Context manager: numpy's BLAS (OpenBLAS) on one thread, for a drift check or a detector fit.
 
     A check is a few small GEMMs; two BLAS threads on two cores that also serve inference spend more time
@@ -19,9 +22,6 @@ def one_blas_thread() -> Any:
     """
     global _blas
     with _blas_lock:
-        if _blas is None:
-            # here, not at import: threadpoolctl inspects every loaded native library, only a checking process pays
-            from threadpoolctl import ThreadpoolController
-
+        if _blas is None:  # on first use, not at import: the controller inspects every loaded native library
             _blas = ThreadpoolController().select(user_api="blas")
     return _blas.limit(limits=1)
