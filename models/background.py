@@ -73,26 +73,37 @@ class BackgroundWorker(Generic[T]):
 
     @property
     def pending(self) -> int:
+        """Items waiting in the queue (not counting the batch being handled)."""
         return self._q.qsize()
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted before this call was handled; False on timeout."""
+    @property
+    def unfinished(self) -> int:
+        """Items submitted and not yet handled or failed: queued, or in the batch being handled."""
+        return self.submitted - self.handled - self.failed
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until everything submitted before this call was handled; False on timeout (None: no limit).
+
+        The timeout bounds the whole call: queueing the barrier behind a full queue and waiting for it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         marker = _Marker()
         if not self._put_marker(marker, timeout):
             return False
-        return marker.done.wait(timeout)
+        return marker.done.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0))
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Handle what is queued, then stop the thread; later submits are dropped. Idempotent."""
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Handle what is queued, then stop the thread; later submits are dropped. Idempotent.
+
+        True once the thread has stopped (everything queued before was handled or failed); False on timeout."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        marker = _Marker(stop=True)
-        if self._put_marker(marker, timeout):
-            self._thread.join(timeout)
+            already, self._closed = self._closed, True
+        if not already:
+            marker = _Marker(stop=True)
+            if self._put_marker(marker, timeout):
+                self._thread.join(timeout)
+        return not self._thread.is_alive()
 
-    def _put_marker(self, marker: _Marker, timeout: float) -> bool:
+    def _put_marker(self, marker: _Marker, timeout: float | None) -> bool:
         if not self._thread.is_alive():
             return False
         try:

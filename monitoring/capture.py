@@ -7,8 +7,9 @@ predicted class, plus adapter, version, time and prediction id.
 * CaptureStore: one SQLite table in WAL mode, bounded per adapter (max_per_adapter newest rows, retention_s), so
   a restart finds the recent windows where it left them. window() returns a ReferenceSet for DriftDetector.check.
 * AsyncCapture: the request thread only samples (deterministically by prediction id) and enqueues; a daemon
-  thread batches the inserts. submit() never blocks: when the bounded queue is full, records are dropped and
-  counted, because losing monitoring samples is better than slowing down or failing predictions.
+  thread (models.background.BackgroundWorker) batches the inserts. submit() never blocks: when the bounded queue
+  is full, records are dropped and counted, because losing monitoring samples is better than slowing down or
+  failing predictions.
 
 Embedding precision: stored as float16 by default. That halves the database (512-d: 1 KiB instead of 2 KiB per
 record, ~5 MB per 5000-record adapter) and the I/O of every window read, at a relative rounding error of at most
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from models.background import BackgroundWorker
 from models.sqlite import transaction
 from monitoring.detectors import ReferenceSet
 from monitoring.image_stats import STAT_NAMES
@@ -394,16 +395,14 @@ class CaptureStore:
 
 # ------------------------------------------------------------------------------------------ async writer
 
-_FLUSH = object()  # queue sentinels: write what you have now / stop after writing
-_STOP = object()
-
 
 class AsyncCapture:
     """Writes records to a CaptureStore from a daemon thread, so a request only pays for sampling and enqueueing.
 
-    submit() never blocks: records beyond max_queue pending ones are dropped and counted in `dropped`. The writer
-    takes whatever is queued, waits at most flush_interval_s for more (up to max_batch), and inserts the batch in
-    one transaction; a failed batch is logged and counted in `failed`, and the writer carries on.
+    The thread is a models.background.BackgroundWorker: submit() never blocks; records beyond max_queue pending
+    ones are dropped and counted in `dropped`. The writer takes whatever is queued, waits at most flush_interval_s
+    for more (up to max_batch), and inserts the batch in one transaction; a failed batch is logged and counted in
+    `failed`, and the writer carries on.
     Counters: `offered` (passed to submit), `submitted` (sampled in and queued), `dropped` (queue full),
     `written` (inserted), `failed`. Call close() at shutdown: it writes what is queued, then stops the thread
     (the store stays open; its owner closes it).
@@ -424,16 +423,27 @@ class AsyncCapture:
         self.sample_rate = float(sample_rate)
         self.flush_interval_s = float(flush_interval_s)
         self.max_batch = int(max_batch)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._counter_lock = threading.Lock()
-        self._done = threading.Condition()
-        self.offered = self.submitted = self.dropped = self.written = self.failed = 0
-        self._processed = 0  # written + failed, as seen by flush()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="adaptserve-capture", daemon=True)
-        self._thread.start()
+        self.offered = 0
+        self._offered_lock = threading.Lock()
+        self._writer: BackgroundWorker[PredictionRecord] = BackgroundWorker(
+            "adaptserve-capture", self._write, maxsize=max_queue, max_batch=self.max_batch,
+            linger_s=self.flush_interval_s)
 
-    # ------------------------------------------------------------------------------------ request side
+    @property
+    def submitted(self) -> int:
+        return self._writer.submitted
+
+    @property
+    def dropped(self) -> int:
+        return self._writer.dropped
+
+    @property
+    def written(self) -> int:
+        return self._writer.handled
+
+    @property
+    def failed(self) -> int:
+        return self._writer.failed
 
     def submit(self, records: PredictionRecord | Iterable[PredictionRecord]) -> int:
         """Sample and enqueue records without ever blocking; returns how many were queued.
@@ -445,120 +455,27 @@ class AsyncCapture:
             records = (records,)
         elif not isinstance(records, list | tuple):
             records = list(records)  # type: ignore[arg-type]
+        with self._offered_lock:
+            self.offered += len(records)
         rate = self.sample_rate
         kept = records if rate >= 1.0 else [r for r in records if keep_sample(r.prediction_id, rate)]
-        queued = dropped = 0
-        put = self._queue.put_nowait
-        # enqueue and count under one lock: flush() then knows that the first `submitted` records in the queue's
-        # FIFO order are exactly those submitted before it, whichever thread submitted them
-        with self._counter_lock:
-            self.offered += len(records)
-            if self._closed:
-                return 0
-            for record in kept:
-                try:
-                    put(record)
-                    queued += 1
-                except queue.Full:
-                    dropped += 1
-            self.submitted += queued
-            self.dropped += dropped
-        return queued
-
-    # -------------------------------------------------------------------------------------- writer side
-
-    def _run(self) -> None:
-        get = self._queue.get
-        while True:
-            first = get()
-            batch: list[PredictionRecord] = []
-            stop = self._collect(first, batch)
-            if batch:
-                self._write(batch)
-            if stop:
-                return
-
-    def _collect(self, item: Any, batch: list[PredictionRecord]) -> bool:
-        """Gather a batch starting with item; True when the stop sentinel was seen."""
-        deadline = time.monotonic() + self.flush_interval_s
-        while True:
-            if item is _STOP:
-                return True
-            if item is _FLUSH:
-                return False
-            batch.append(item)
-            if len(batch) >= self.max_batch:
-                return False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    return False
+        return self._writer.submit_many(kept)
 
     def _write(self, batch: list[PredictionRecord]) -> None:
-        try:
-            self.store.add_many(batch)
-            ok = True
-        except Exception:  # keep capturing: monitoring must not take the service down
-            log.exception("capture: writing %d records to %s failed; they are lost", len(batch), self.store.path)
-            ok = False
-        with self._done:
-            if ok:
-                self.written += len(batch)
-            else:
-                self.failed += len(batch)
-            self._processed += len(batch)
-            self._done.notify_all()
-
-    # ---------------------------------------------------------------------------------------- control
+        self.store.add_many(batch)  # raising counts the batch as failed (logged by the worker); capture goes on
 
     def pending(self) -> int:
         """Records queued or being written."""
-        with self._counter_lock:
-            submitted = self.submitted
-        return submitted - self._processed
+        return max(self._writer.unfinished, 0)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every record submitted before this call is written (or failed); False on timeout."""
-        with self._counter_lock:
-            target = self.submitted
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._processed >= target:
-            return True
-        if not self._thread.is_alive():
-            return False
-        try:
-            self._queue.put(_FLUSH, timeout=timeout)  # wakes the writer out of its batching wait
-        except queue.Full:
-            return False
-        with self._done:
-            while self._processed < target:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._done.wait(remaining)
-        return True
+        return self.pending() == 0 or self._writer.flush(timeout)
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """Stop accepting records, write what is queued, stop the writer; True when everything was written."""
-        with self._counter_lock:
-            if self._closed:
-                return not self._thread.is_alive()
-            self._closed = True
-        flushed = self.flush(timeout)
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return False
-        self._thread.join(timeout)
-        return flushed and not self._thread.is_alive()
+        return self._writer.close(timeout)
 
     def stats(self) -> dict[str, int]:
-        with self._counter_lock:
-            return {"offered": self.offered, "submitted": self.submitted, "dropped": self.dropped,
-                    "written": self.written, "failed": self.failed, "queued": self._queue.qsize()}
+        return {"offered": self.offered, "submitted": self.submitted, "dropped": self.dropped,
+                "written": self.written, "failed": self.failed, "queued": self._writer.pending}

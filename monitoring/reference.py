@@ -8,7 +8,6 @@ the base model's reference is built on first use and cached.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,13 +61,7 @@ def write_reference(model: torch.nn.Module, sample_dirs: Sequence[Path], preproc
                     " or ".join(str(d) for d in sample_dirs), out.parent)
         return None
     images, _, _ = load_samples(source)
-    reference = compute_reference(model, images, preprocessing)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}")  # unique: processes may race here
-    try:
-        reference.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    compute_reference(model, images, preprocessing).save(out)  # atomic; racing processes use their own temp files
     return out
 
 

@@ -118,3 +118,58 @@ def test_batch_image_stats_stacks_rows_in_stat_names_order() -> None:
     np.testing.assert_allclose(batch[1], [image_stats(images[1])[name] for name in STAT_NAMES])
     np.testing.assert_allclose(batch[0], [0, 0, 0, 0, 6, 4])
     assert batch_image_stats([]).shape == (0, len(STAT_NAMES))
+
+
+def _seeded_images() -> dict[str, Image.Image | np.ndarray]:
+    """Images of different sizes, modes and dtypes, the same on every run."""
+    rng = np.random.default_rng(7)
+
+    def rgb(h: int, w: int) -> np.ndarray:
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    return {
+        "rgb-24x40": Image.fromarray(rgb(24, 40)),
+        "rgb-32x32": Image.fromarray(rgb(32, 32)),
+        "grey-24x40": Image.fromarray(rgb(24, 40)).convert("L"),
+        "rgba-9x17": Image.fromarray(rgb(9, 17)).convert("RGBA"),
+        "palette-16x12": Image.fromarray(rgb(16, 12)).convert("P"),
+        "tiny-2x2": Image.fromarray(rgb(2, 2)),
+        "uint16-hw": rng.integers(0, 65536, (10, 14)).astype(np.uint16),
+        "float-rgb": rng.random((12, 8, 3)).astype(np.float32),
+    }
+
+
+# What the former per-image implementation (one image at a time, np.dot variances) gave for _seeded_images();
+# the stacked implementation must keep these numbers up to float32 summation order.
+PER_IMAGE_RESULTS = {
+    "rgb-24x40": [0.4988341016617293, 0.19009168052602496, 0.7046479585638457, 0.5540954558165138, 40.0, 24.0],
+    "rgb-32x32": [0.5026937534730678, 0.19771961809706035, 0.7572119140625, 0.5277720764952514, 32.0, 32.0],
+    "grey-24x40": [0.4978799285988013, 0.1930712161432181, 0.7835575085507626, 0.0, 40.0, 24.0],
+    "rgba-9x17": [0.4894368124066615, 0.19383601178194135, 0.9484994797479539, 0.5450036688278148, 17.0, 9.0],
+    "palette-16x12": [0.50482190574985, 0.22459302096330166, 1.0914738246372768, 0.5807865459618617, 12.0, 16.0],
+    "tiny-2x2": [0.5311196520924568, 0.1456674813452198, 0.0, 0.469744387165087, 2.0, 2.0],
+    "uint16-hw": [0.5186684317487691, 0.27582030627633297, 1.6162376403808594, 0.0, 14.0, 10.0],
+    "float-rgb": [0.4933002726174891, 0.1984354151718877, 1.0065520604451497, 0.5221011574634147, 8.0, 12.0],
+}
+
+
+@pytest.mark.parametrize("name", list(PER_IMAGE_RESULTS), ids=list(PER_IMAGE_RESULTS))
+def test_stats_match_the_former_per_image_results(name: str) -> None:
+    image = _seeded_images()[name]
+    np.testing.assert_allclose(batch_image_stats([image])[0], PER_IMAGE_RESULTS[name], rtol=1e-5, atol=1e-7)
+    assert list(image_stats(image).values()) == pytest.approx(PER_IMAGE_RESULTS[name], rel=1e-5, abs=1e-7)
+
+
+def test_a_mixed_batch_gives_each_image_its_own_numbers_in_order() -> None:
+    images = _seeded_images()
+    names = [*images, *images]  # every shape twice, interleaved: stacked groups must land back in input order
+    batch = batch_image_stats([images[n] for n in names])
+    np.testing.assert_allclose(batch, [PER_IMAGE_RESULTS[n] for n in names], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(batch[: len(images)], batch[len(images) :])
+
+
+def test_stacks_of_many_same_size_images_match_single_images() -> None:
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(150)]
+    singles = np.stack([batch_image_stats([im])[0] for im in images])  # 150 > one stacked pass: 3 chunks
+    np.testing.assert_allclose(batch_image_stats(images), singles, rtol=1e-6, atol=1e-9)

@@ -3,6 +3,7 @@ one scheduling leader per state dir."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import subprocess
 import sys
@@ -13,24 +14,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client import REGISTRY
 
+from models import settings
 from models.artifacts import load_model, preprocessing_of
 from models.export import session
 from models.registry import open_registry
 from monitoring.capture import keep_sample
+from monitoring.config import MonitorConfig
+from monitoring.errors import NoReferenceError, NotEnoughRecordsError, UnknownAdapterError
+from monitoring.history import DriftHistory
 from monitoring.image_stats import batch_image_stats
-from monitoring.monitor import (
-    DriftHistory,
-    DriftMonitor,
-    MonitorConfig,
-    NoReferenceError,
-    NotEnoughRecordsError,
-    UnknownAdapterError,
-    fast_image_stats,
-    reference_table,
-)
+from monitoring.monitor import DriftMonitor
 
 RESULT_KEYS = {"adapter", "version", "drift", "score", "threshold", "p_value", "window_size", "checked_at", "features",
                "report", "mean_confidence"}
@@ -263,22 +258,18 @@ def test_summary_of_the_current_window(service_home: Path, source_model: Path, t
     assert summary["latest_check"] is None and 0.0 < summary["mean_confidence"] <= 1.0
 
 
-def _images(kind: str) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    sizes = {"same": [(24, 40)] * 6, "mixed": [(24, 40), (32, 32), (24, 40)], "tiny": [(2, 2)] * 3}[kind.split("-")[0]]
-    images = [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for hw in sizes]
-    return [im.convert("L") for im in images] if kind.endswith("grey") else images
-
-
-@pytest.mark.parametrize("kind", ["same", "same-grey", "mixed", "tiny"])
-def test_vectorised_image_stats_equal_the_per_image_ones(kind: str) -> None:
-    images = _images(kind)
-    np.testing.assert_allclose(fast_image_stats(images), batch_image_stats(images), rtol=1e-5, atol=1e-7)
-
-
-def test_vectorised_image_stats_on_digits(traffic: dict) -> None:
+def test_captured_image_stats_are_each_images_own(service_home: Path, source_model: Path, traffic: dict) -> None:
+    """The capture thread computes statistics stacked over many requests; each record holds its own image's."""
     images = traffic["noisy"][0][:64] + traffic["clean"][0][:64]
-    np.testing.assert_allclose(fast_image_stats(images), batch_image_stats(images), rtol=1e-5, atol=1e-7)
+    singles = np.stack([batch_image_stats([im])[0] for im in images])
+    np.testing.assert_allclose(batch_image_stats(images), singles, rtol=1e-5, atol=1e-7)
+    with _monitor(service_home, source_model) as monitor:
+        _send(monitor, traffic, "noisy", n=64)
+        _send(monitor, traffic, "clean", n=64)
+        assert monitor.flush()
+        stored = {r.prediction_id: r.stats for r in monitor.store.window_records("site-a", 128)}
+    ids = [f"noisy-site-a-1-{i}" for i in range(64)] + [f"clean-site-a-1-{i}" for i in range(64)]
+    np.testing.assert_allclose(np.stack([stored[i] for i in ids]), singles, rtol=1e-5, atol=1e-7)
 
 
 def _wait(condition, timeout: float = 20.0) -> bool:
@@ -313,21 +304,48 @@ def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path
         second.close()
 
 
-def test_config_from_env_and_reference_table(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_from_env_and_the_settings_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTSERVE_DRIFT_INTERVAL_S", "0")
     monkeypatch.setenv("ADAPTSERVE_DRIFT_WINDOW", "300")
     monkeypatch.setenv("ADAPTSERVE_CAPTURE_SAMPLE", "0.25")
     cfg = MonitorConfig.from_env()
     assert (cfg.interval_s, cfg.window, cfg.sample, cfg.alpha, cfg.report_every) == (0.0, 300, 0.25, 0.01, 10)
+    assert MonitorConfig.from_env({"ADAPTSERVE_DRIFT_WINDOW": "400"}).window == 400  # an explicit environ
     monkeypatch.setenv("ADAPTSERVE_DRIFT_WINDOW", "lots")
     with pytest.raises(ValueError, match="ADAPTSERVE_DRIFT_WINDOW='lots' is not an integer"):
         MonitorConfig.from_env()
-    with pytest.raises(ValueError, match=r"window \(50\) must be >= min_records \(100\)"):
+    with pytest.raises(ValueError, match=r"ADAPTSERVE_DRIFT_WINDOW \(50\) must be >= ADAPTSERVE_DRIFT_MIN_RECORDS "
+                                         r"\(100\); raise ADAPTSERVE_DRIFT_WINDOW or lower"):
         MonitorConfig(window=50)
-    rows = {env: (default, text) for env, default, text in reference_table()}
+    # every knob is a documented setting whose declared default is the config's (the README table comes from it)
+    rows = {variable: (shown, text) for _, variable, shown, _, text in settings.reference_rows()}
     assert rows["ADAPTSERVE_DRIFT_INTERVAL_S"][0] == "30.0" and rows["ADAPTSERVE_REPORT_EVERY"][0] == "10"
     assert {"ADAPTSERVE_DRIFT_ALPHA", "ADAPTSERVE_CAPTURE_MAX_PER_ADAPTER", "ADAPTSERVE_CAPTURE_RETENTION_S",
-            "ADAPTSERVE_DRIFT_WINDOW", "ADAPTSERVE_CAPTURE_SAMPLE"} <= set(rows)
+            "ADAPTSERVE_DRIFT_WINDOW", "ADAPTSERVE_CAPTURE_SAMPLE", "ADAPTSERVE_CAPTURE_QUEUE"} <= set(rows)
+    defaults = MonitorConfig()
+    for f in dataclasses.fields(MonitorConfig):
+        name = f.metadata["setting"]
+        assert getattr(defaults, f.name) == settings.default(name), f.name
+        assert rows[settings.env_name(name)][1], f"{name} has no help"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"min_records": 5, "window": 5}, "ADAPTSERVE_DRIFT_MIN_RECORDS must be at least 10, got 5"),
+        ({"window": 600, "max_per_adapter": 500},
+         "ADAPTSERVE_CAPTURE_MAX_PER_ADAPTER (500) must be >= ADAPTSERVE_DRIFT_WINDOW (600), or the window can never "
+         "fill."),
+        ({"alpha": 1.0}, "ADAPTSERVE_DRIFT_ALPHA must be between 0 and 1 (exclusive), got 1.0"),
+        ({"interval_s": -1.0}, "ADAPTSERVE_DRIFT_INTERVAL_S must be >= 0 (0 disables scheduled checks), got -1.0."),
+        ({"queue_size": 0}, "ADAPTSERVE_CAPTURE_QUEUE must be at least 1, got 0."),
+    ],
+    ids=["min-records", "window-cannot-fill", "alpha", "interval", "queue"],
+)
+def test_config_errors_name_the_variables(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        MonitorConfig(**overrides)
+    assert message in str(err.value)
 
 
 def test_importing_the_monitor_loads_neither_torch_nor_prometheus() -> None:

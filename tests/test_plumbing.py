@@ -162,9 +162,32 @@ def test_worker_close_handles_queued_then_refuses() -> None:
     seen: list[int] = []
     w: BackgroundWorker[int] = BackgroundWorker("t", seen.extend, max_batch=100)
     w.submit_many(range(50))
-    w.close()
+    assert w.close() is True  # the thread stopped after handling all 50
     assert seen == list(range(50)) and not w.submit(99) and not w.flush(0.1)
-    w.close()  # idempotent
+    assert w.close() is True  # idempotent
+
+
+def test_worker_unfinished_counts_the_batch_in_hand_and_flush_bounds_its_whole_wait() -> None:
+    gate, inside = threading.Event(), threading.Event()
+
+    def handle(batch: list[int]) -> None:
+        inside.set()
+        gate.wait(5)
+
+    w: BackgroundWorker[int] = BackgroundWorker("t", handle, maxsize=1)
+    w.submit(0)
+    assert inside.wait(5)
+    w.submit(1)  # the queue is now full behind the stalled batch
+    assert (w.pending, w.unfinished) == (1, 2)
+    start = time.monotonic()
+    assert not w.flush(0.2)  # the barrier cannot even be queued: the timeout covers that wait too
+    assert time.monotonic() - start < 1.0
+    assert not w.close(0.2)  # still stalled: close gives up and says so
+    gate.set()
+    deadline = time.monotonic() + 5
+    while w.unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (w.unfinished, w.handled) == (0, 2)
 
 
 def test_worker_rejects_bad_sizes() -> None:
