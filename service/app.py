@@ -73,8 +73,9 @@ class AdaptServe:
     def __init__(self) -> None:
         # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode
         from models.archive import ArchiveLimits
-        from pipelines.jobs import JobStore, ScheduleStore
+        from pipelines.jobs import JobStore
         from pipelines.labels import LabelStore
+        from pipelines.schedules import ScheduleStore
         from service.config import ServiceConfig
         from service.decode import DecodeLimits
         from service.runtime import Runtime
