@@ -46,7 +46,8 @@ from models.samples import find_samples, load_samples, sample_path, save_image_s
 from models.strategies import LORA_TARGETS, Adaptation, AdaptConfig, adapt
 from pipelines.data import ImageSet
 from pipelines.evaluate import Metrics, evaluate
-from pipelines.labels import LabelSplit, LabelStore, Trust
+from pipelines.label_trust import Trust
+from pipelines.labels import LabelSplit, LabelStore
 from pipelines.train import TrainConfig, fit, resolve_device, seed_everything
 
 Progress = Callable[[float, str], None]

@@ -272,7 +272,7 @@ class AdaptServe:
         return await asyncio.to_thread(self._feedback, body, who)
 
     def _feedback(self, body: FeedbackRequest, who: Principal) -> Any:
-        from pipelines.labels import Trust
+        from pipelines.label_trust import Trust
         from service.decode import decode_one
 
         if (body.id is None) == (body.image is None):

@@ -10,7 +10,8 @@ import pytest
 
 from models.registry import open_registry
 from pipelines.data import digits_splits
-from pipelines.labels import LabelStore, Trust
+from pipelines.label_trust import Trust
+from pipelines.labels import LabelStore
 from pipelines.retrain import RetrainConfig, RetrainError, gate, retrain
 from pipelines.shifts import shift_set
 
