@@ -97,7 +97,8 @@ def _accuracy(registry, base_dir: Path, dataset: ImageSet) -> float:
 
 def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> int:
     """Serve the stream through the input cache; label a seeded fraction by prediction id, as POST /feedback."""
-    from pipelines.labels import LabelStore, Trust
+    from pipelines.label_trust import Trust
+    from pipelines.labels import LabelStore
     from service.inputs import InputCache
 
     cache, store = InputCache(home), LabelStore(home)

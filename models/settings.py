@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     retrain_min_train_labels: int = _knob(50, "fewest training-split labels a job accepts", "retrain", ge=2)
     retrain_min_holdout_labels: int = _knob(20, "fewest gate-holdout labels a job accepts", "retrain", ge=1)
     retrain_margin: float = _knob(1.0, "points of target-holdout accuracy a challenger must gain over the champion",
-                                  "retrain")
+                                  "retrain", ge=0)
     retrain_max_source_drop: float = _knob(1.0, "points of source-holdout accuracy a challenger may lose at most "
                                            "(the forgetting guard)", "retrain", ge=0)
     retrain_holdout_trust: Literal["trusted", "any"] = _knob(

@@ -388,7 +388,7 @@ app.command("retrain")(retrain_command)
 from benchmarks import drift as bench_drift  # noqa: E402 - the CLI is the one entry point above every layer
 from benchmarks import retrain as bench_retrain  # noqa: E402
 from benchmarks import serve as bench_serve  # noqa: E402
-from pipelines.labels import data_add, data_conflicts  # noqa: E402
+from pipelines.labels_cli import data_add, data_conflicts  # noqa: E402
 
 bench_app = typer.Typer(help="Benchmarks: results in benchmarks/results/, one JSON line last.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")

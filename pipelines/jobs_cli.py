@@ -22,16 +22,10 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from models import paths
-from pipelines.jobs import (
-    END_STATES,
-    STATES,
-    Job,
-    JobError,
-    JobRunner,
-    JobStore,
-    ScheduleStore,
-    runner_pid,
-)
+from pipelines.jobs import END_STATES, STATES, Job, JobError, JobStore
+from pipelines.runner import JobRunner
+from pipelines.runner_lock import runner_pid
+from pipelines.schedules import ScheduleStore
 
 jobs_app = typer.Typer(help="Retrain jobs: run the job runner, list jobs, show one.", no_args_is_help=True)
 schedules_app = typer.Typer(
@@ -86,7 +80,7 @@ def runner_command(
     own process). One runner per ADAPTSERVE_HOME; stop it with Ctrl-C or SIGTERM."""
     from rich.logging import RichHandler
 
-    from pipelines.jobs import RunnerLockedError
+    from pipelines.runner_lock import RunnerLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
     base = base or (Path(os.environ["ADAPTSERVE_BASE_MODEL"]) if os.environ.get("ADAPTSERVE_BASE_MODEL") else None)

@@ -23,42 +23,35 @@ challenger, so a poisoned relabel that costs accuracy on the trusted holdout (or
 rejected by the gate. What it cannot buy: poison in a region (classes, a camera's look) that the trusted
 holdout does not cover goes unseen, and so does poison sent with a trusted-labeller token.
 
-Images are stored as PNG bytes after the model's own first step (`to_rgb`) and, when their shorter side is
-longer than ``max_short_side`` (default 256), downscaled to it with the resize the model's preprocessing
-uses. Every catalog backbone resizes the shorter side to at most 256 px, so the stored image reproduces the
-model input exactly (resize_size 256) or to within one further antialiased resize; a 12-megapixel upload
-costs ~100 KB instead of ~20 MB. Pass ``max_short_side=None`` to keep the received pixels untouched.
+Where the parts live: the trust levels and the conflict rule in `pipelines.label_trust`, how an image is stored
+(bounded size, PNG, content id) in `pipelines.label_images`, the labels.db tables and their migration in
+`pipelines.label_db`, the `adaptserve data add / conflicts` commands in `pipelines.labels_cli`.
 
 The store opens a fresh SQLite connection per operation (WAL, synchronous=FULL: labels are people's work),
-like the adapter registry: safe across
-threads and across the forked serving workers that share one home. A labels.db from before trust was recorded
-is migrated when a store opens it (see `_migrate`).
+like the adapter registry: safe across threads and across the forked serving workers that share one home. A
+labels.db from before trust was recorded is migrated when a store opens it (see `pipelines.label_db.migrate`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from PIL import Image
 
-from models.preprocessing import to_rgb
 from models.registry import NAME_PATTERN
-from models.sqlite import connect, init_db, transaction
+from pipelines import label_db
 from pipelines.data import SPLITS, ImageSet, scan_class_folder
+from pipelines.label_images import DEFAULT_MAX_SHORT_SIDE, decode_png, encode_png, example_id, prepare_image
+from pipelines.label_trust import Trust, decide, trust_name
 
-LABELS_DB = "labels.db"
-DEFAULT_MAX_SHORT_SIDE = 256
 _MAX_LISTED = 30
 
 
@@ -68,55 +61,7 @@ class LabelError(ValueError):
     status_code = 400
 
 
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _connect(path: Path, timeout: float) -> sqlite3.Connection:
-    return connect(path, timeout, durable=True)  # labels are people's work: FULL survives power loss
-
-
-@contextmanager
-def _write(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT on a fresh connection: all of it or none of it."""
-    with closing(_connect(path, timeout)) as conn, transaction(conn):
-        yield conn
-
-
-def _init_db(path: Path, schema: str, timeout: float) -> None:
-    init_db(path, schema, timeout, durable=True)
-
-
-def prepare_image(image: Image.Image, max_short_side: int | None = DEFAULT_MAX_SHORT_SIDE) -> Image.Image:
-    """RGB, shorter side at most `max_short_side`, resized as torchvision's Resize(int) would (bilinear,
-    antialiased, long side truncated), so the model's own Resize of the result is a no-op."""
-    image = to_rgb(image)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    if max_short_side is None or short <= max_short_side:
-        return image
-    new_long = int(max_short_side * long / short)
-    size = (max_short_side, new_long) if w <= h else (new_long, max_short_side)
-    return image.resize(size, Image.BILINEAR)
-
-
-def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.copy()
-
-
-def example_id(adapter: str, image: Image.Image) -> str:
-    """Content id of a labelled example: the same pixels for the same adapter are the same example."""
-    h = hashlib.blake2b(digest_size=16, person=b"adaptserve-label")
-    h.update(f"{adapter}\0{image.mode}:{image.width}x{image.height}\0".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+# --------------------------------------------------------------------------------------------- checks
 
 
 def holdout_score(label_id: str) -> float:
@@ -125,14 +70,13 @@ def holdout_score(label_id: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _shorten(items: Sequence[str]) -> str:
+def shorten(items: Sequence[str]) -> str:
+    """The first _MAX_LISTED items joined with commas, then how many more (messages stay one readable line)."""
     more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
     return ", ".join(items[:_MAX_LISTED]) + more
 
 
 def _check_adapter(adapter: str) -> str:
-    import re
-
     if not isinstance(adapter, str) or not re.fullmatch(NAME_PATTERN, adapter):
         raise LabelError(f"invalid adapter name {adapter!r}: must match {NAME_PATTERN}")
     return adapter
@@ -140,24 +84,8 @@ def _check_adapter(adapter: str) -> str:
 
 def _check_label(adapter: str, label: object, classes: Sequence[str]) -> str:
     if not isinstance(label, str) or label not in classes:
-        raise LabelError(f"unknown label {label!r} for adapter {adapter!r}; valid labels: {_shorten(list(classes))}")
+        raise LabelError(f"unknown label {label!r} for adapter {adapter!r}; valid labels: {shorten(list(classes))}")
     return label
-
-
-# --------------------------------------------------------------------------------------------- trust
-
-
-class Trust(IntEnum):
-    """How far the sender of a label is trusted; the service maps its token roles onto these levels."""
-
-    UNTRUSTED = 0  # anonymous POST /feedback, a non-trusted labeller (contributor) token
-    TRUSTED = 1  # `adaptserve data add` (import_folder), a trusted labeller token
-    ADMIN = 2  # an admin token: an admin's correction is authoritative
-
-
-def trust_name(level: int) -> str:
-    """'untrusted', 'trusted' or 'admin': how trust levels are shown (JSON, summaries)."""
-    return Trust(level).name.lower()
 
 
 def _check_trust(trust: object) -> Trust:
@@ -168,7 +96,7 @@ def _check_trust(trust: object) -> Trust:
         raise LabelError(f"unknown trust level {trust!r}; use one of {levels}") from None
 
 
-OUTCOMES = ("added", "same", "relabelled", "conflict")
+# --------------------------------------------------------------------------------------------- records
 
 
 @dataclass(frozen=True)
@@ -189,89 +117,7 @@ class LabelResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Decision:
-    """How an offered label meets the stored label of the same example (see `decide`)."""
-
-    outcome: str  # same | relabelled | conflict
-    replace: bool  # the offered label becomes the stored one
-    trust: Trust  # the stored label's trust afterwards
-    filed: str | None  # the contradiction's row in `conflicts`: pending | outranked | replaced; None: none
-    settles: bool  # the example's pending conflicts are resolved by this label
-
-
-def decide(kept: str, kept_trust: Trust, offered: str, offered_trust: Trust) -> Decision:
-    """The conflict rules in one pure function.
-
-    The same label again: trust becomes the higher of the two (a higher one settles pending conflicts). A different
-    label: higher trust replaces, and an admin's always does; the same trust (below admin) keeps the stored label
-    and leaves a pending conflict (the example is unusable until settled); lower trust keeps the stored label and
-    is filed as outranked (the example stays usable)."""
-    if offered == kept:
-        return Decision("same", False, max(kept_trust, offered_trust), None, offered_trust > kept_trust)
-    if offered_trust > kept_trust or offered_trust == Trust.ADMIN:
-        return Decision("relabelled", True, offered_trust, "replaced", True)
-    return Decision("conflict", False, kept_trust, "pending" if offered_trust == kept_trust else "outranked", False)
-
-
-# --------------------------------------------------------------------------------------------- label store
-
-# trust, sender (labels, events) and outcome (events) are added by `_migrate`, on a fresh file as on one from before
-# they existed, so every labels.db has one shape
-_LABELS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (
-    id TEXT PRIMARY KEY,
-    adapter TEXT NOT NULL,
-    label TEXT NOT NULL,
-    source TEXT NOT NULL,
-    prediction_id TEXT,
-    split TEXT CHECK (split IS NULL OR split IN ('train', 'holdout')),
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    png BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS labels_by_adapter ON labels (adapter, updated_at);
-CREATE INDEX IF NOT EXISTS labels_by_prediction ON labels (prediction_id) WHERE prediction_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    label_id TEXT NOT NULL,
-    adapter TEXT NOT NULL,
-    label TEXT NOT NULL,
-    source TEXT NOT NULL,
-    prediction_id TEXT,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS conflicts (
-    seq INTEGER PRIMARY KEY,
-    label_id TEXT NOT NULL,
-    adapter TEXT NOT NULL,
-    kept_label TEXT NOT NULL,
-    kept_trust INTEGER NOT NULL,
-    offered_label TEXT NOT NULL,
-    trust INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    prediction_id TEXT,
-    at REAL NOT NULL,
-    resolution TEXT CHECK (resolution IS NULL OR resolution IN ('outranked', 'replaced', 'settled')),
-    resolved_label TEXT,
-    resolved_at REAL
-);
-CREATE INDEX IF NOT EXISTS conflicts_pending ON conflicts (label_id) WHERE resolved_at IS NULL;
-CREATE INDEX IF NOT EXISTS conflicts_by_adapter ON conflicts (adapter, at)
-"""
-
-LEGACY_SENDER = "legacy"  # the sender of rows stored before senders were recorded
-_ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
-    "labels": (("trust", "INTEGER NOT NULL DEFAULT 0"), ("sender", f"TEXT NOT NULL DEFAULT '{LEGACY_SENDER}'")),
-    "events": (
-        ("trust", "INTEGER NOT NULL DEFAULT 0"),
-        ("sender", f"TEXT NOT NULL DEFAULT '{LEGACY_SENDER}'"),
-        ("outcome", "TEXT"),
-    ),
-}
+# the store's statements; the tables are pipelines.label_db's
 _PENDING = "EXISTS (SELECT 1 FROM conflicts c WHERE c.label_id = labels.id AND c.resolved_at IS NULL)"
 _INSERT = (
     "INSERT INTO labels (id, adapter, label, source, prediction_id, split, created_at, updated_at, width, height, png,"
@@ -285,35 +131,6 @@ _CONFLICT_COLUMNS = (
     "seq", "label_id", "adapter", "kept_label", "kept_trust", "offered_label", "trust", "source", "sender",
     "prediction_id", "at", "resolution", "resolved_label", "resolved_at",
 )  # fmt: skip
-
-
-def _missing_columns(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str]]]:
-    missing = {}
-    for table, columns in _ADDED_COLUMNS.items():
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if todo := [c for c in columns if c[0] not in have]:
-            missing[table] = todo
-    return missing
-
-
-def _migrate(path: Path, timeout: float) -> list[str]:
-    """Add the columns a labels.db from before trust lacks, all in one transaction; returns those added.
-
-    Old rows carry no sender: an import ("import:..." source, as `adaptserve data add` stores) is rated TRUSTED,
-    as an import is now; feedback and uploads UNTRUSTED; their sender is "legacy"."""
-    with closing(_connect(path, timeout)) as conn:
-        if not _missing_columns(conn):
-            return []
-        with transaction(conn):
-            missing = _missing_columns(conn)  # again under the write lock: another worker may have migrated it
-            for table, columns in missing.items():
-                for name, decl in columns:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-                if any(name == "trust" for name, _ in columns):
-                    conn.execute(
-                        f"UPDATE {table} SET trust = ? WHERE substr(source, 1, 7) = 'import:'", (int(Trust.TRUSTED),)
-                    )
-    return [f"{table}.{name}" for table, columns in missing.items() for name, _ in columns]
 
 
 @dataclass(frozen=True)
@@ -391,6 +208,9 @@ class LabelSplit:
         }
 
 
+# --------------------------------------------------------------------------------------------- label store
+
+
 class LabelStore:
     """Every labelled image of every adapter, durably, with its source, sender, trust and times (see the module
     docstring)."""
@@ -404,12 +224,11 @@ class LabelStore:
     ) -> None:
         if not 0.0 < holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be between 0 and 1 (exclusive), got {holdout_fraction}")
-        self.path = Path(home).expanduser().absolute() / LABELS_DB
+        self.path = Path(home).expanduser().absolute() / label_db.LABELS_DB
         self.holdout_fraction = holdout_fraction
         self.max_short_side = max_short_side
         self._timeout = timeout_s
-        _init_db(self.path, _LABELS_SCHEMA, timeout_s)
-        self.migrated = _migrate(self.path, timeout_s)
+        self.migrated = label_db.open_db(self.path, timeout_s)
 
     def split_of(self, label_id: str, forced: str | None = None, holdout_fraction: float | None = None) -> str:
         fraction = self.holdout_fraction if holdout_fraction is None else holdout_fraction
@@ -498,7 +317,7 @@ class LabelStore:
         if not isinstance(sender, str) or not sender:
             raise LabelError("sender must say who sent the label, e.g. 'token:labeller-1', 'cli:data-add'")
         labelling = self._labelling(adapter, image, label, source, prediction_id, None, trust, sender)
-        with _write(self.path, self._timeout) as conn:
+        with label_db.write(self.path, self._timeout) as conn:
             return self._store(conn, labelling)
 
     def import_folder(
@@ -525,7 +344,7 @@ class LabelStore:
         if unknown:
             raise LabelError(
                 f"class folder(s) {', '.join(unknown)} under {folder} are not labels of adapter {adapter!r}; "
-                f"valid labels: {_shorten(list(classes))}"
+                f"valid labels: {shorten(list(classes))}"
             )
         labellings, report = [], ImportReport(0, 0)
         for part, images in sets.items():
@@ -537,7 +356,7 @@ class LabelStore:
                 )
             report.skipped += images.skipped
             report.per_split[part or "all"] = len(images)
-        with _write(self.path, self._timeout) as conn:
+        with label_db.write(self.path, self._timeout) as conn:
             outcomes = Counter(self._store(conn, x).outcome for x in labellings)
         report.added, report.updated = outcomes["added"], outcomes["same"] + outcomes["relabelled"]
         report.conflicts = outcomes["conflict"]
@@ -546,7 +365,7 @@ class LabelStore:
     # ---------------------------------------------------------------- reads
 
     def get(self, label_id: str) -> LabelRecord:
-        with closing(_connect(self.path, self._timeout)) as conn:
+        with label_db.read(self.path, self._timeout) as conn:
             row = conn.execute(
                 "SELECT id, adapter, label, source, prediction_id, split, created_at, updated_at, trust, sender, "
                 f"{_PENDING} FROM labels WHERE id = ?",
@@ -560,7 +379,7 @@ class LabelStore:
     def count(self, adapter: str, since: float | None = None, *, min_trust: Trust = Trust.UNTRUSTED) -> int:
         """Examples of `adapter` labelled at `min_trust` or above; with `since` (unix time) only those labelled,
         relabelled or raised in trust since then (a repeated label or a conflict changes nothing)."""
-        with closing(_connect(self.path, self._timeout)) as conn:
+        with label_db.read(self.path, self._timeout) as conn:
             return conn.execute(
                 "SELECT COUNT(*) FROM labels WHERE adapter = ? AND updated_at >= ? AND trust >= ?",
                 (adapter, since or 0.0, int(min_trust)),
@@ -569,7 +388,7 @@ class LabelStore:
     def history(self, label_id: str) -> list[dict[str, Any]]:
         """Every labelling of one example, oldest first, with who sent it and what it did (the audit trail)."""
         keys = ("label", "source", "prediction_id", "at", "trust", "sender", "outcome")
-        with closing(_connect(self.path, self._timeout)) as conn:
+        with label_db.read(self.path, self._timeout) as conn:
             rows = conn.execute(f"SELECT {', '.join(keys)} FROM events WHERE label_id = ? ORDER BY seq", (label_id,))
             out = [dict(zip(keys, r, strict=True)) for r in rows.fetchall()]
         return [dict(r, trust=trust_name(r["trust"])) for r in out]
@@ -579,7 +398,7 @@ class LabelStore:
         out of training and holdout until a higher-trust label settles them). `resolution` is pending, outranked
         (a lower-trust label was refused), replaced (a higher-trust label won) or settled (a pending one, later)."""
         where = " AND resolved_at IS NULL" if unresolved_only else ""
-        with closing(_connect(self.path, self._timeout)) as conn:
+        with label_db.read(self.path, self._timeout) as conn:
             rows = conn.execute(
                 f"SELECT {', '.join(_CONFLICT_COLUMNS)} FROM conflicts WHERE adapter = ?{where} "
                 "ORDER BY at DESC, seq DESC LIMIT ?",
@@ -594,7 +413,7 @@ class LabelStore:
 
     def summary(self, adapter: str) -> dict[str, Any]:
         """Counts per label, split, source kind and trust; conflicts; the trusted holdout; the time span."""
-        with closing(_connect(self.path, self._timeout)) as conn:
+        with label_db.read(self.path, self._timeout) as conn:
             rows = conn.execute(
                 f"SELECT id, label, source, split, updated_at, trust, {_PENDING} FROM labels WHERE adapter = ?",
                 (adapter,),
@@ -638,7 +457,7 @@ class LabelStore:
             f"SELECT id, label, split, trust, {_PENDING}, png FROM labels WHERE adapter = ? AND updated_at >= ? "
             "ORDER BY updated_at DESC LIMIT ?"
         )
-        with closing(_connect(self.path, self._timeout)) as conn:
+        with label_db.read(self.path, self._timeout) as conn:
             rows = conn.execute(sql, (adapter, since or 0.0, -1 if limit is None else limit)).fetchall()
         index = {c: i for i, c in enumerate(classes)}
         out = LabelSplit(ImageSet([], [], list(classes)), ImageSet([], [], list(classes)))
@@ -675,74 +494,3 @@ class LabelStore:
         gate's check that must stay clean). None: every label may be in the holdout."""
         split = self.load_split(adapter, classes, holdout_fraction, since, limit, holdout_trust)
         return split.train, split.holdout
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def data_add(
-    folder: Annotated[
-        Path, typer.Argument(help="ImageFolder: DIR/<class>/<image>, or DIR/{train,val,test}/<class>/<image>")
-    ],
-    adapter: Annotated[str, typer.Option(help="adapter the labels are for (need not be registered yet)")],
-    base: Annotated[
-        Path | None, typer.Option(help="base model dir, whose classes are the valid labels [default: embedded model]")
-    ] = None,
-) -> None:
-    """Import a labelled ImageFolder into ADAPTER's label store as trusted labels (what `retrain` trains and gates on).
-
-    Without train/val/test folders every image is split train/holdout by hashing; with them, train stays train
-    and val/test become holdout: the trusted holdout the retrain gate checks a challenger on. Unreadable images
-    are skipped and counted."""
-    from rich.console import Console
-
-    from models import paths
-    from models.artifacts import ArtifactError, read_json
-    from pipelines.data import DataError
-
-    console = Console()
-    base = base or paths.default_model_dir()
-    try:
-        classes = read_json(base / "model.json")["classes"]
-        report = LabelStore(paths.home()).import_folder(adapter, folder, classes)
-    except (ArtifactError, DataError, LabelError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
-    console.print(
-        f"{adapter}: {report.added} new, {report.updated} relabelled example(s) from {folder} "
-        f"({', '.join(f'{k}: {v}' for k, v in report.per_split.items())})"
-    )
-    if report.conflicts:
-        console.print(
-            f"[yellow]{report.conflicts} example(s) kept another label[/yellow] (an equal or higher trust label was "
-            "stored before; see LabelStore.conflicts)"
-        )
-    if report.skipped:
-        console.print(f"[yellow]skipped {len(report.skipped)} unreadable file(s):[/yellow] {_shorten(report.skipped)}")
-
-
-def data_conflicts(
-    adapter: Annotated[str, typer.Option(help="adapter whose labels to show")],
-    all_: Annotated[bool, typer.Option("--all", help="also the resolved ones (outranked, replaced, settled)")] = False,
-    limit: Annotated[int, typer.Option(min=1, help="newest rows shown")] = 50,
-) -> None:
-    """Labels that contradict an earlier label of the same image: kept aside, never a silent overwrite.
-
-    A pending conflict (two labels of the same trust) leaves the image out of training and the gate's holdout
-    until a higher-trust label (`adaptserve data add`, an admin token) settles it."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from models import paths
-
-    store = LabelStore(paths.home())
-    rows = store.conflicts(adapter, unresolved_only=not all_, limit=limit)
-    table = Table("at", "image", "kept", "offered", "by", "resolution")
-    for c in rows:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c["at"]))
-        table.add_row(at, c["label_id"][:12], f"{c['kept_label']} ({c['kept_trust']})",
-                      f"{c['offered_label']} ({c['trust']})", str(c["sender"]), c["resolution"])
-    Console().print(table)
-    s = store.summary(adapter)
-    Console().print(f"{adapter}: {s['conflicts']} pending conflict(s), {s['contradictions']} contradiction(s) in all; "
-                    f"labels by trust: {s['per_trust']}; trusted holdout: {s['trusted_holdout']}")

@@ -31,22 +31,24 @@ import copy
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from models import settings
 from models.artifacts import load_adapter_model, load_model, model_id, preprocessing_of, save_adapter
 from models.registry import AdapterNotFoundError, AdapterVersion, open_registry
 from models.samples import find_samples, load_samples, sample_path, save_image_set
 from models.strategies import LORA_TARGETS, Adaptation, AdaptConfig, adapt
 from pipelines.data import ImageSet
 from pipelines.evaluate import Metrics, evaluate
-from pipelines.labels import LabelSplit, LabelStore, Trust
+from pipelines.label_trust import Trust
+from pipelines.labels import LabelSplit, LabelStore
 from pipelines.train import TrainConfig, fit, resolve_device, seed_everything
 
 Progress = Callable[[float, str], None]
@@ -57,16 +59,17 @@ class RetrainError(ValueError):
     """The job cannot run as asked (too few labels, missing source samples, ...); the message says what to do."""
 
 
+def _setting(name: str) -> Any:
+    """A RetrainConfig field that is the setting `name`: its default and help come from models.settings."""
+    return field(default=settings.default(name), metadata={"help": settings.help_text(name), "setting": name})
+
+
 @dataclass
 class RetrainConfig:
     """How a re-fine-tuning job trains and gates; defaults are tuned on the embedded digits task (2 CPU cores)."""
 
-    margin: float = field(
-        default=1.0, metadata={"help": "points of target-holdout accuracy the challenger must gain over the champion"}
-    )
-    max_source_drop: float = field(
-        default=1.0, metadata={"help": "points of source-holdout accuracy the challenger may lose at most"}
-    )
+    margin: float = _setting("retrain_margin")
+    max_source_drop: float = _setting("retrain_max_source_drop")
     epochs: int = field(default=8, metadata={"help": "maximum training epochs"})
     lr: float = field(default=2e-3, metadata={"help": "learning rate of the LoRA matrices and adapted norm layers"})
     lr_head: float = field(default=5e-4, metadata={"help": "learning rate of the adapter's head"})
@@ -80,8 +83,8 @@ class RetrainConfig:
     replay_ratio: float = field(
         default=1.0, metadata={"help": "source replay images mixed in per training label (0 = no replay)"}
     )
-    min_labels: int = field(default=50, metadata={"help": "fewest training-split labels a job accepts"})
-    min_holdout: int = field(default=20, metadata={"help": "fewest holdout-split labels a job accepts"})
+    min_labels: int = _setting("retrain_min_train_labels")
+    min_holdout: int = _setting("retrain_min_holdout_labels")
     max_labels: int = field(
         default=5000,
         metadata={"help": "at most this many newest labels are used (decoded in memory: ~1 GB at 256 px)"},
@@ -89,14 +92,7 @@ class RetrainConfig:
     holdout_fraction: float = field(
         default=0.3, metadata={"help": "share of labels held out for the gate (keep it fixed across jobs)"}
     )
-    holdout_trust: str = field(
-        default="trusted",
-        metadata={
-            "help": "which labels the gate's target holdout may hold: trusted (`adaptserve data add`, a trusted-"
-            "labeller or admin token; untrusted ones train instead) or any (open feedback too: a poisoned feedback "
-            "stream then grades its own challenger)"
-        },
-    )
+    holdout_trust: str = _setting("retrain_holdout_trust")
     val_fraction: float = field(
         default=0.15, metadata={"help": "share of training labels (and of replay) kept aside for early stopping"}
     )
@@ -104,12 +100,7 @@ class RetrainConfig:
         default="none",
         metadata={"help": "training augmentation: none, light, standard or a list (none measured best on digits)"},
     )
-    time_budget_s: float = field(
-        default=120.0,
-        metadata={
-            "help": "training stops at its best epoch so far once this many seconds passed since the job started"
-        },
-    )
+    time_budget_s: float = _setting("retrain_time_budget_s")
     seed: int = field(default=0, metadata={"help": "seeds sampling, LoRA init and the data order"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda"})
     threads: int = field(
@@ -132,15 +123,30 @@ class RetrainConfig:
                 f"unknown LoRA target policy {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}"
             )
         if self.margin < 0 or self.max_source_drop < 0:
-            raise ValueError("margin and max_source_drop are points of accuracy, >= 0")
+            raise ValueError(
+                "margin and max_source_drop are points of accuracy, >= 0 (ADAPTSERVE_RETRAIN_MARGIN, "
+                "ADAPTSERVE_RETRAIN_MAX_SOURCE_DROP)"
+            )
         if not 0 < self.holdout_fraction < 1 or not 0 < self.val_fraction < 1:
             raise ValueError("holdout_fraction and val_fraction must be between 0 and 1 (exclusive)")
         if self.replay_ratio < 0 or self.time_budget_s <= 0:
-            raise ValueError("replay_ratio must be >= 0 and time_budget_s > 0")
+            raise ValueError("replay_ratio must be >= 0 and time_budget_s (ADAPTSERVE_RETRAIN_TIME_BUDGET_S) > 0")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = auto), got {self.threads}")
         if self.epochs < 1 or self.min_labels < 2 or self.min_holdout < 1:
-            raise ValueError("need epochs >= 1, min_labels >= 2 (some go to validation) and min_holdout >= 1")
+            raise ValueError(
+                "need epochs >= 1, min_labels (ADAPTSERVE_RETRAIN_MIN_TRAIN_LABELS) >= 2 (some go to validation) and "
+                "min_holdout (ADAPTSERVE_RETRAIN_MIN_HOLDOUT_LABELS) >= 1"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RetrainConfig:
+        """The ADAPTSERVE_RETRAIN_* settings (SettingsError naming a bad variable), then `overrides` on top.
+
+        What a job started by the runner trains and gates with: the runner's environment is its job's."""
+        loaded = settings.load(environ)
+        values = {f.name: getattr(loaded, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata}
+        return cls(**(values | overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -322,11 +328,12 @@ def _load_labels(home: Path, adapter: str, classes: list[str], cfg: RetrainConfi
         return split
     needs = (
         f"adapter {adapter!r} has {n_train} training and {n_holdout} holdout labels; a retrain needs at least "
-        f"{cfg.min_labels} and {cfg.min_holdout} (RetrainConfig.min_labels / min_holdout)"
+        f"{cfg.min_labels} and {cfg.min_holdout} (ADAPTSERVE_RETRAIN_MIN_TRAIN_LABELS / "
+        "ADAPTSERVE_RETRAIN_MIN_HOLDOUT_LABELS)"
     )
     if cfg.holdout_trust == "trusted" and n_holdout < cfg.min_holdout:
         raise RetrainError(
-            f"{needs}. The gate's holdout takes trusted labels only (holdout_trust='trusted'; "
+            f"{needs}. The gate's holdout takes trusted labels only (ADAPTSERVE_RETRAIN_HOLDOUT_TRUST=trusted; "
             f"{split.moved_to_train} untrusted holdout-split label(s) went to training, {split.conflicted} "
             f"conflicted one(s) were left out): add trusted holdout labels with `adaptserve data add DIR --adapter "
             f"{adapter}` (DIR/val/<class>/<image> all go to the holdout), or label with an admin or trusted-labeller "
@@ -477,10 +484,12 @@ def retrain(
 ) -> RetrainResult:
     """Re-fine-tune `adapter` on its labels plus source replay; promote the challenger only if it passes the gate.
 
-    Raises RetrainError when the job cannot run (too few labels, a base model without samples)."""
+    Without `cfg`, the ADAPTSERVE_RETRAIN_* settings decide (`RetrainConfig.from_env`): a job process inherits its
+    runner's environment. Raises RetrainError when the job cannot run (too few labels, a base model without
+    samples)."""
     from models import paths
 
-    cfg = cfg or RetrainConfig()
+    cfg = cfg or RetrainConfig.from_env()
     with torch_threads(job_threads(cfg.threads)) as threads:
         result = _run(Path(home), adapter, Path(base_dir or paths.default_model_dir()), cfg, progress)
     result.numbers["threads"] = threads

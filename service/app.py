@@ -75,8 +75,9 @@ class FeedbackRequest(BaseModel):
 class AdaptServe:
     def __init__(self) -> None:
         # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode
-        from pipelines.jobs import JobStore, ScheduleStore
+        from pipelines.jobs import JobStore
         from pipelines.labels import LabelStore
+        from pipelines.schedules import ScheduleStore
         from service.config import ServiceConfig
         from service.runtime import Runtime
 
@@ -272,7 +273,7 @@ class AdaptServe:
         return await asyncio.to_thread(self._feedback, body, who)
 
     def _feedback(self, body: FeedbackRequest, who: Principal) -> Any:
-        from pipelines.labels import Trust
+        from pipelines.label_trust import Trust
         from service.decode import decode_one
 
         if (body.id is None) == (body.image is None):

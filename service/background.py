@@ -1,8 +1,8 @@
 """Work a serving worker does off the request path: deferred writes, and keeping the job runner alive.
 
-* OffPath: a bounded queue drained by one daemon thread. A request hands over a closure in ~1 µs and never
-  waits; when the queue is full the work is dropped and counted (a lost feedback input is better than a
-  slow prediction).
+* OffPath: the worker's deferred writes, a models.background.BackgroundWorker of closures. A request hands over
+  a closure in ~1 µs and never waits; when the queue is full the work is dropped and counted (a lost feedback
+  input is better than a slow prediction); closures run one at a time, in submission order.
 * RunnerSupervisor: retraining never runs in a serving worker. The worker that finds the job runner's lock
   free starts `python -m pipelines.jobs_cli runner --supervised` as its own process (session) and restarts it if
   it dies; the runner holds an exclusive lock, so with several workers (or a runner started by hand) exactly one
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -22,50 +21,26 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pipelines.jobs import RunnerLockHolder
+from models.background import BackgroundWorker
+from pipelines.runner_lock import LOCK_FILE, RunnerLockHolder, runner_holder
 
 log = logging.getLogger("adaptserve")
 
+Write = Callable[[], None]
 
-class OffPath:
+
+def _run_each(batch: list[Write]) -> None:
+    for write in batch:
+        write()
+
+
+class OffPath(BackgroundWorker[Write]):
+    """Closures run on one daemon thread, one per batch, so `failed` counts failed closures and `dropped` the ones
+    a full queue refused (both read by the service's metrics and tests)."""
+
     def __init__(self, name: str, maxsize: int = 10000) -> None:
-        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize)
-        self.dropped = 0
-        self.failed = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], None]) -> bool:
-        try:
-            self._q.put_nowait(fn)
-            return True
-        except queue.Full:
-            self.dropped += 1
-            return False
-
-    def _run(self) -> None:
-        while (fn := self._q.get()) is not None:
-            try:
-                fn()
-            except Exception:  # one failed write must not stop the ones behind it
-                self.failed += 1
-                log.exception("background write failed")
-            finally:
-                self._q.task_done()
-        self._q.task_done()
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._q.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._q.unfinished_tasks
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=10)
+        super().__init__(name, _run_each, maxsize=maxsize, max_batch=1)
 
 
 def _proc_status(pid: int) -> tuple[str, int] | None:
@@ -134,7 +109,7 @@ class RunnerSupervisor:
 
     def __init__(self, home: Path, env: dict[str, str], interval_s: float = 5.0, grace_s: float = 15.0) -> None:
         self.home = home
-        self.lock = home / "runner.lock"
+        self.lock = home / LOCK_FILE
         self.env = env
         self.interval_s = interval_s
         self.grace_s = grace_s  # > the runner's own 10 s for its job process to stop
@@ -151,8 +126,6 @@ class RunnerSupervisor:
         return [sys.executable, "-m", "pipelines.jobs_cli", "runner", "--supervised"]
 
     def _loop(self) -> None:
-        from pipelines.jobs import runner_holder
-
         while not self._stop.is_set():
             if self.proc is None or self.proc.poll() is not None:
                 holder = runner_holder(self.home)
@@ -191,8 +164,6 @@ class RunnerSupervisor:
 
     def stop(self) -> None:
         """Stop supervising, then stop our runner or an adopted one (blocks up to about `grace_s`)."""
-        from pipelines.jobs import runner_holder
-
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)  # no runner starts behind our back while we stop

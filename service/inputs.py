@@ -20,7 +20,7 @@ from PIL import Image
 
 from models import settings
 from models.sqlite import connect, init_db, transaction
-from pipelines.labels import DEFAULT_MAX_SHORT_SIDE, encode_png, prepare_image
+from pipelines.label_images import DEFAULT_MAX_SHORT_SIDE, encode_png, prepare_image
 from service.decode import DecodeLimits, open_image
 
 INPUTS_DB = "inputs.db"

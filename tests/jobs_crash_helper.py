@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.jobs import JobRunner  # noqa: E402 - needs the sys.path entry above
+from pipelines.runner import JobRunner  # noqa: E402 - needs the sys.path entry above
 
 SLOW_STARTED = "slow-job-started"  # marker file under HOME: the slow fake is mid-publish
 

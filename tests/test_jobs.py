@@ -1,5 +1,6 @@
-"""Tests for pipelines.jobs: job lifecycle (including a kill -9 of the runner), duplicate/unknown refusals, cron
-schedules that persist across restarts, the drift policy, and the CLI.
+"""Tests for retrain jobs (pipelines.jobs, .schedules, .policy, .runner, .runner_lock): job lifecycle (including a
+kill -9 of the runner), duplicate/unknown refusals, cron schedules that persist across restarts, the drift policy,
+and the CLI.
 
 Jobs run through the real runner path (a child process per job) with the fake retrain functions of
 tests/jobs_crash_helper.py, which act by adapter name: ok-* promoted, rej-* rejected, bad-* raises, die-* SIGKILLs
@@ -29,33 +30,29 @@ from jobs_crash_helper import SLOW_STARTED, fake_retrain
 from typer import Typer
 from typer.testing import CliRunner
 
+from models import settings
 from models.registry import SQLiteRegistry
+from models.settings import SettingsError
 from pipelines.jobs import (
-    COOLDOWN_ENV,
-    DEFAULT_JOB_FN,
     LOG_MAX_CHARS,
-    MIN_LABELS_ENV,
     ORPHAN_ERROR,
-    STOPPED_ERROR,
-    DriftPolicy,
     DuplicateJobError,
-    DuplicateScheduleError,
     Job,
     JobNotFoundError,
-    JobRunner,
     JobStore,
-    RunnerLockedError,
-    RunnerLockHolder,
+    UnknownAdapterJobError,
+)
+from pipelines.jobs_cli import jobs_app, retrain_command, schedules_app
+from pipelines.policy import DriftPolicy
+from pipelines.runner import DEFAULT_JOB_FN, STOPPED_ERROR, JobRunner, callable_path, resolve_callable
+from pipelines.runner_lock import RunnerLockedError, RunnerLockHolder, runner_pid
+from pipelines.schedules import (
+    DuplicateScheduleError,
     ScheduleError,
     ScheduleNotFoundError,
     ScheduleStore,
-    UnknownAdapterJobError,
-    callable_path,
     cron_trigger,
-    resolve_callable,
-    runner_pid,
 )
-from pipelines.jobs_cli import jobs_app, retrain_command, schedules_app
 
 HELPER = Path(jobs_crash_helper.__file__)
 KNOWN = ("ok-a", "rej-b", "bad-c", "die-d", "slow-e")
@@ -341,7 +338,7 @@ def test_default_job_function_is_pipelines_retrain_by_name(home: Path) -> None:
     assert runner.job_fn == DEFAULT_JOB_FN == "pipelines.retrain:retrain"
     job = Job("j", "ok-a", "manual", "", "running", 0.0, "", 0.0, 0.0, None, None, None, "", 1)
     command = runner._command(job)
-    assert command[1:5] == ["-m", "pipelines.jobs", "exec", "j"]
+    assert command[1:5] == ["-m", "pipelines.runner", "exec", "j"]
     assert command[command.index("--job-fn") + 1] == "pipelines.retrain:retrain"
 
 
@@ -445,7 +442,7 @@ def test_lock_file_line_parses_old_and_supervised_forms(text: str, holder: Runne
 
 @pytest.mark.parametrize("supervised", [False, True], ids=["by-hand", "supervised"])
 def test_the_lock_file_says_whether_a_supervisor_started_the_runner(home: Path, supervised: bool) -> None:
-    from pipelines.jobs import _read_pid, hold_runner_lock, runner_holder
+    from pipelines.runner_lock import _read_pid, hold_runner_lock, runner_holder
 
     with hold_runner_lock(home, supervised=supervised) as path:
         line = f"{os.getpid()} supervised {os.getppid()}\n" if supervised else f"{os.getpid()}\n"
@@ -617,22 +614,36 @@ def test_drift_policy(
         assert seen == [("ok-a", None if trained is None else trained.finished_at)], "labels since the last training"
 
 
+MIN_LABELS_ENV, COOLDOWN_ENV = settings.env_name("retrain_min_labels"), settings.env_name("retrain_cooldown_s")
+
+
 def test_drift_policy_defaults_come_from_the_environment(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(MIN_LABELS_ENV, raising=False)
     monkeypatch.delenv(COOLDOWN_ENV, raising=False)
-    assert (DriftPolicy(home).min_labels, DriftPolicy(home).cooldown_s) == (50, 600.0)
+    assert (DriftPolicy.from_env(home).min_labels, DriftPolicy.from_env(home).cooldown_s) == (50, 600.0)
     monkeypatch.setenv(MIN_LABELS_ENV, "7")
     monkeypatch.setenv(COOLDOWN_ENV, "30")
-    assert (DriftPolicy(home).min_labels, DriftPolicy(home).cooldown_s) == (7, 30.0)
+    assert (DriftPolicy.from_env(home).min_labels, DriftPolicy.from_env(home).cooldown_s) == (7, 30.0)
+    assert (DriftPolicy(home).min_labels, DriftPolicy(home).cooldown_s) == (50, 600.0), "declared defaults"
     monkeypatch.setenv(MIN_LABELS_ENV, "many")
-    with pytest.raises(ValueError) as err:
-        DriftPolicy(home)
-    assert str(err.value) == (
-        "ADAPTSERVE_RETRAIN_MIN_LABELS='many' is not a valid int; "
-        "unset it or use e.g. ADAPTSERVE_RETRAIN_MIN_LABELS=50"
-    )
+    with pytest.raises(SettingsError) as err:
+        DriftPolicy.from_env(home)
+    assert str(err.value) == "ADAPTSERVE_RETRAIN_MIN_LABELS='many' is not an integer"
+    monkeypatch.setenv(MIN_LABELS_ENV, "7")
+    monkeypatch.setenv(COOLDOWN_ENV, "-5")
+    with pytest.raises(SettingsError) as err:
+        DriftPolicy.from_env(home)
+    assert str(err.value) == "ADAPTSERVE_RETRAIN_COOLDOWN_S='-5' must be >= 0.0"
     with pytest.raises(ValueError, match="min_labels and cooldown_s must be >= 0, got -1 and 0"):
         DriftPolicy(home, min_labels=-1, cooldown_s=0)
+
+
+def test_a_runner_without_a_policy_uses_the_settings(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MIN_LABELS_ENV, "7")
+    monkeypatch.setenv(COOLDOWN_ENV, "30")
+    runner = make_runner(home, policy_interval_s=10)
+    assert runner.check_drift() == [], "no drift check recorded yet"
+    assert (runner.policy.min_labels, runner.policy.cooldown_s) == (7, 30.0)
 
 
 def test_default_drift_readers_resolve(home: Path) -> None:

@@ -12,7 +12,9 @@ from PIL import Image
 
 from models.preprocessing import Preprocessing
 from pipelines.data import DataError
-from pipelines.labels import LabelError, LabelStore, Trust, example_id, prepare_image
+from pipelines.label_images import example_id, prepare_image
+from pipelines.label_trust import Trust
+from pipelines.labels import LabelError, LabelStore
 from service.inputs import ExpiredPredictionError, InputCache, UnknownPredictionError
 
 CLASSES = ["cat", "dog", "fox"]
@@ -183,7 +185,7 @@ def test_data_add_command_imports_a_folder(tmp_path: Path, monkeypatch: pytest.M
     import typer
     from typer.testing import CliRunner
 
-    from pipelines.labels import data_add
+    from pipelines.labels_cli import data_add
 
     home, base = tmp_path / "home", tmp_path / "base"
     monkeypatch.setenv("ADAPTSERVE_HOME", str(home))
@@ -448,13 +450,13 @@ def test_an_old_labels_db_is_migrated_at_open(tmp_path: Path) -> None:
 
 
 def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipelines.labels as labels
+    import pipelines.label_db as label_db
 
     home = tmp_path / "old"
     ids = _old_labels_db(home)
-    broken = dict(labels._ADDED_COLUMNS, events=(("trust", "INTEGER NOT NULL DEFAULT 0"), ("bad", "NOT A TYPE ((")))
+    broken = dict(label_db._ADDED_COLUMNS, events=(("trust", "INTEGER NOT NULL DEFAULT 0"), ("bad", "NOT A TYPE ((")))
     with monkeypatch.context() as patch:
-        patch.setattr(labels, "_ADDED_COLUMNS", broken)
+        patch.setattr(label_db, "_ADDED_COLUMNS", broken)
         with pytest.raises(sqlite3.OperationalError):
             LabelStore(home)  # labels.trust and labels.sender were added before events.bad failed
     with sqlite3.connect(home / "labels.db") as conn:

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from models.registry import open_registry
+from models.settings import SettingsError
 from pipelines.data import digits_splits
-from pipelines.labels import LabelStore, Trust
+from pipelines.label_trust import Trust
+from pipelines.labels import LabelStore
 from pipelines.retrain import RetrainConfig, RetrainError, gate, retrain
+from pipelines.runner import JobRunner
 from pipelines.shifts import shift_set
 
 pytestmark = pytest.mark.slow
@@ -81,6 +84,44 @@ def test_config_rejects_bad_values() -> None:
     assert RetrainConfig().holdout_trust == "trusted"
 
 
+def test_config_defaults_are_the_settings_and_from_env_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    declared = RetrainConfig()
+    assert (declared.margin, declared.max_source_drop, declared.min_labels, declared.min_holdout) == (1.0, 1.0, 50, 20)
+    assert (declared.holdout_trust, declared.time_budget_s) == ("trusted", 120.0)
+    assert RetrainConfig.from_env() == declared
+    monkeypatch.setenv("ADAPTSERVE_RETRAIN_MARGIN", "2")
+    monkeypatch.setenv("ADAPTSERVE_RETRAIN_MIN_TRAIN_LABELS", "7")
+    monkeypatch.setenv("ADAPTSERVE_RETRAIN_HOLDOUT_TRUST", "any")
+    env = RetrainConfig.from_env(seed=3)
+    assert (env.margin, env.min_labels, env.holdout_trust, env.seed) == (2.0, 7, "any", 3)
+    assert RetrainConfig().margin == 1.0, "the declared default does not read the environment"
+    keys = ("champion_target_acc", "challenger_target_acc", "champion_source_acc", "challenger_source_acc")
+    gain_of_1_5 = dict(zip(keys, (0.80, 0.815, 0.99, 0.99), strict=True))
+    assert gate(dict(gain_of_1_5), declared)[0] is True
+    passed, reason = gate(dict(gain_of_1_5), env)
+    assert passed is False and "(+1.5 points, needs >= +2 and > 0)" in reason
+    monkeypatch.setenv("ADAPTSERVE_RETRAIN_MARGIN", "-1")
+    with pytest.raises(SettingsError) as err:
+        RetrainConfig.from_env()
+    assert str(err.value) == "ADAPTSERVE_RETRAIN_MARGIN='-1' must be >= 0.0"
+
+
+def test_a_runner_started_with_retrain_settings_gates_its_jobs_with_them(
+    tmp_path: Path, source_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_shifted_labels(tmp_path, 60, shuffle=True)
+    for name, value in (("MARGIN", "2"), ("MAX_SOURCE_DROP", "3"), ("MIN_TRAIN_LABELS", "20"),
+                        ("MIN_HOLDOUT_LABELS", "10"), ("TIME_BUDGET_S", "0.01")):  # fmt: skip
+        monkeypatch.setenv(f"ADAPTSERVE_RETRAIN_{name}", value)  # the runner's environment, inherited by its job
+    runner = JobRunner(tmp_path, base_dir=source_model, poll_s=0.05, policy_interval_s=None, known_adapters=["site"])
+    runner.jobs.submit("site")
+    [job] = runner.run_pending()  # the default job function, pipelines.retrain:retrain, in a child process
+    assert job.state in ("succeeded", "rejected"), job.log
+    n = job.result["numbers"]
+    assert (n["margin"], n["max_source_drop"], n["epochs_run"], n["out_of_time"]) == (2.0, 3.0, 1, True)
+    assert n["labels_train"] >= 20 and n["labels_holdout"] >= 10
+
+
 def test_too_few_labels_is_a_clear_error(tmp_path: Path, source_model: Path) -> None:
     add_shifted_labels(tmp_path, 12)
     with pytest.raises(RetrainError, match=r"adapter 'site' has \d+ training and \d+ holdout labels; a retrain needs"):
@@ -95,9 +136,10 @@ def test_untrusted_labels_alone_leave_the_gate_without_a_holdout(tmp_path: Path,
         retrain(tmp_path, "site", base_dir=source_model, cfg=tiny())
     assert str(err.value) == (
         "adapter 'site' has 60 training and 0 holdout labels; a retrain needs at least 20 and 10 "
-        "(RetrainConfig.min_labels / min_holdout). The gate's holdout takes trusted labels only "
-        f"(holdout_trust='trusted'; {moved} untrusted holdout-split label(s) went to training, 0 conflicted one(s) "
-        "were left out): add trusted holdout labels with `adaptserve data add DIR --adapter site` "
+        "(ADAPTSERVE_RETRAIN_MIN_TRAIN_LABELS / ADAPTSERVE_RETRAIN_MIN_HOLDOUT_LABELS). The gate's holdout takes "
+        f"trusted labels only (ADAPTSERVE_RETRAIN_HOLDOUT_TRUST=trusted; {moved} untrusted holdout-split label(s) "
+        "went to training, 0 conflicted one(s) were left out): add trusted holdout labels with `adaptserve data add "
+        "DIR --adapter site` "
         "(DIR/val/<class>/<image> all go to the holdout), or label with an admin or trusted-labeller token"
     )
     assert open_registry(tmp_path).list_adapters() == []

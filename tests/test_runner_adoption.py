@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.jobs import RunnerLockHolder, runner_holder
+from pipelines.runner_lock import RunnerLockHolder, runner_holder
 from service.background import RunnerSupervisor, process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
