@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from models import settings
+from monitoring.history import DriftHistory
 from pipelines.jobs import JobStore
 
 
@@ -48,7 +49,7 @@ class DriftPolicy:
         default=settings.default("retrain_cooldown_s"), metadata={"help": settings.help_text("retrain_cooldown_s")}
     )
     latest_drift: Callable[[str], Mapping[str, Any] | None] | None = field(
-        default=None, metadata={"help": "adapter -> latest drift check; default monitoring.monitor.DriftHistory"}
+        default=None, metadata={"help": "adapter -> latest drift check; default monitoring.history.DriftHistory"}
     )
     count_labels: Callable[[str, float | None], int] | None = field(
         default=None, metadata={"help": "(adapter, since) -> new labels; default pipelines.labels.LabelStore.count"}
@@ -72,10 +73,6 @@ class DriftPolicy:
 
     def _drift_reader(self) -> Callable[[str], Mapping[str, Any] | None]:
         if self.latest_drift is None:
-            # deferred: monitoring.monitor imports scipy (~1 s), and without it (ImportError) the runner turns drift-
-            # started jobs off instead of failing to start
-            from monitoring.monitor import DriftHistory
-
             self.latest_drift = DriftHistory(self.home).latest
         return self.latest_drift
 

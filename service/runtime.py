@@ -100,7 +100,8 @@ class Runtime:
         metrics.record_precision(BASE, self.served(*BASE))
 
     def _make_monitor(self):
-        from monitoring.monitor import DriftMonitor, MonitorConfig
+        from monitoring.config import MonitorConfig
+        from monitoring.monitor import DriftMonitor
 
         return DriftMonitor(self.cfg.home, self.registry, self.cfg.base_model, MonitorConfig.from_env())
 

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from models.registry import AdapterNotFoundError, ChampionDeleteError, CorruptAdapterError, InvalidVersionError
-from monitoring.monitor import NotEnoughRecordsError
-from monitoring.monitor import UnknownAdapterError as MonitorUnknownAdapter
+from monitoring.errors import NotEnoughRecordsError
+from monitoring.errors import UnknownAdapterError as MonitorUnknownAdapter
 from service import errors
 from service.decode import InputError
 

@@ -628,12 +628,12 @@ def test_drift_policy_defaults_come_from_the_environment(home: Path, monkeypatch
     monkeypatch.setenv(MIN_LABELS_ENV, "many")
     with pytest.raises(SettingsError) as err:
         DriftPolicy.from_env(home)
-    assert str(err.value) == "ADAPTSERVE_RETRAIN_MIN_LABELS='many' is not an integer"
+    assert str(err.value) == "ADAPTSERVE_RETRAIN_MIN_LABELS='many' is not an integer (default 50)"
     monkeypatch.setenv(MIN_LABELS_ENV, "7")
     monkeypatch.setenv(COOLDOWN_ENV, "-5")
     with pytest.raises(SettingsError) as err:
         DriftPolicy.from_env(home)
-    assert str(err.value) == "ADAPTSERVE_RETRAIN_COOLDOWN_S='-5' must be >= 0.0"
+    assert str(err.value) == "ADAPTSERVE_RETRAIN_COOLDOWN_S='-5' must be >= 0.0 (default 600.0)"
     with pytest.raises(ValueError, match="min_labels and cooldown_s must be >= 0, got -1 and 0"):
         DriftPolicy(home, min_labels=-1, cooldown_s=0)
 
