@@ -8,6 +8,7 @@ Run as a script, this file is the child process of the multi-process tests:
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -279,7 +280,7 @@ def test_upgrade_creates_the_schema_once(db_url: str) -> None:
     assert (migrations.current(db_url), migrations.check(db_url)) == (HEAD, HEAD)
     about = migrations.info(db_url)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", about["schema_created_at"])
-    assert about["schema_created_by"] == "adaptserve 0.1.0"
+    assert about["schema_created_by"] == f"adaptserve {importlib.metadata.version('adaptserve')}"
     assert migrations.upgrade(db_url) == (HEAD, HEAD)
     assert migrations.info(db_url) == about
 
@@ -381,7 +382,8 @@ def test_db_cli_upgrade_and_current(db_url: str, monkeypatch: pytest.MonkeyPatch
     result = runner.invoke(db_cli.app, ["current"])
     assert result.exit_code == 0
     assert re.fullmatch(rf"database {re.escape(shown)} is at revision {HEAD} \(head\)\n"
-                        r"schema created \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ by adaptserve 0\.1\.0\n", result.output)
+                        r"schema created \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ by adaptserve "
+                        rf"{re.escape(importlib.metadata.version('adaptserve'))}\n", result.output)
 
 
 def test_db_cli_bad_url_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
