@@ -34,3 +34,27 @@ def test_bento_build_packs_code_and_base_model(source_model: Path, tmp_path: Pat
     assert again.returncode == 0
     listed = subprocess.run([*bentoml, "models", "list", "-o", "json"], env=env, capture_output=True, text=True)
     assert listed.stdout.count("adaptserve-base") == 1, listed.stdout
+
+
+def test_bentofile_packages_are_the_project_dependencies() -> None:
+    """One source of truth: the Bento installs exactly what pyproject.toml depends on (plus the HTTP client)."""
+    import tomllib
+
+    import yaml
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert sorted(bento["python"]["packages"]) == sorted([*deps, "httpx>=0.27"])
+
+
+def test_bentofile_includes_every_packaged_file() -> None:
+    """Every file the library ships (modules, migrations, templates) matches one of the Bento's include patterns."""
+    import fnmatch
+
+    import yaml
+
+    patterns = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["include"]
+    shipped = [p.relative_to(ROOT).as_posix() for pkg in ("service", "models", "pipelines", "monitoring")
+               for p in (ROOT / pkg).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    missing = [f for f in shipped if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert missing == []
