@@ -382,6 +382,9 @@ from pipelines.jobs_cli import jobs_app, retrain_command, schedules_app  # noqa:
 
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(schedules_app, name="schedules")
+from pipelines.db_cli import app as db_app  # noqa: E402 - light: no torch at import
+
+app.add_typer(db_app, name="db")
 app.command("retrain")(retrain_command)
 
 
