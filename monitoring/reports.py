@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from models.paths import home
 from monitoring.detectors import ReferenceSet
@@ -64,7 +66,7 @@ def _frames(
     reference: ReferenceSet, current: ReferenceSet, n_components: int, seed: int
 ) -> tuple[Any, Any, list[str]]:
     """Reference and current DataFrames: monitored columns plus the embeddings on the reference's PCA axes."""
-    import pandas as pd
+    import pandas as pd  # heavy (~0.5 s); only a report needs it
 
     for name, rs in (("reference", reference), ("current", current)):
         if len(rs) < 2 or rs.embeddings.ndim != 2 or rs.embeddings.shape[1] == 0:
@@ -95,7 +97,7 @@ def _pca_projection(reference: np.ndarray, n_components: int, seed: int) -> Any:
     Randomized SVD (Halko et al.) finds 16 axes of a 1000 x 512 matrix in ~30 ms; the full SVD that
     EmbeddingReducer does takes ~1.5 s on two busy cores, and the report only needs the leading axes.
     """
-    from sklearn.utils.extmath import randomized_svd
+    from sklearn.utils.extmath import randomized_svd  # heavy (scipy); only a report needs it
 
     fit = np.asarray(reference, dtype=np.float32)
     if len(fit) > _PCA_FIT_ROWS:
@@ -123,8 +125,7 @@ def _fast_embedding_plot(points: int) -> Iterator[None]:
 
     OpenMP thread limits are per calling thread, so serving threads keep theirs; BLAS pools are left alone.
     """
-    from evidently.legacy.metrics.data_drift import embeddings_drift
-    from threadpoolctl import threadpool_limits
+    from evidently.legacy.metrics.data_drift import embeddings_drift  # heavy (seconds); lazy, see the docstring
 
     with _report_lock:
         saved = embeddings_drift.SAMPLE_CONSTANT
@@ -152,6 +153,7 @@ def _add_drift_panels(workspace: Any, project_id: Any) -> None:
     Saved as one DashboardModel: ProjectDashboard.add_panel in evidently 0.7.23 lists a panel twice in an
     existing tab (it appends the id in its search loop and again after it).
     """
+    # heavy (seconds); lazy, see the module docstring
     from evidently.sdk.models import DashboardModel, DashboardTabModel, PanelMetric
     from evidently.sdk.panels import counter_panel, line_plot_panel
 
@@ -197,6 +199,20 @@ def _project(workspace: Any, workspace_dir: Path, name: str) -> Any:
         project = workspace.create_project(name, description=f"adaptserve drift reports for adapter {name!r}")
         _add_drift_panels(workspace, project.id)
         return project
+
+
+def _add_to_workspace(snapshot: Any, workspace_dir: Path, project: str, keep_runs: int | None) -> dict[str, str]:
+    """Add the run to the project's history (pruned to keep_runs); its workspace, project_id and snapshot_id."""
+    from evidently.ui.workspace import Workspace  # heavy; lazy, see the module docstring
+
+    workspace = Workspace(str(workspace_dir))
+    proj = _project(workspace, workspace_dir, project)
+    ref = workspace.add_run(proj.id, snapshot, include_data=False)
+    if keep_runs is not None:
+        runs = sorted(workspace.list_runs(proj.id), key=str)  # uuid7 ids sort by creation time
+        for old in runs[: max(len(runs) - max(keep_runs, 1), 0)]:
+            workspace.delete_run(proj.id, old)
+    return {"workspace": str(workspace_dir), "project_id": str(proj.id), "snapshot_id": str(ref.id)}
 
 
 def _summary_from_snapshot(snapshot: Any) -> dict[str, Any]:
@@ -249,6 +265,7 @@ def write_report(
     dashboard draws one embedding series per window size.
     """
     start = time.perf_counter()
+    # heavy (seconds on first use; counted in "seconds"); lazy, see the module docstring
     from evidently import DataDefinition, Dataset, Report
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import ModelDriftMethod
     from evidently.metrics import EmbeddingsDrift
@@ -286,17 +303,7 @@ def write_report(
         "snapshot_id": None,
     })
     if workspace_dir is not None:
-        from evidently.ui.workspace import Workspace
-
-        workspace_dir = Path(workspace_dir)
-        workspace = Workspace(str(workspace_dir))
-        proj = _project(workspace, workspace_dir, project)
-        ref = workspace.add_run(proj.id, snapshot, include_data=False)
-        if keep_runs is not None:
-            runs = sorted(workspace.list_runs(proj.id), key=str)  # uuid7 ids sort by creation time
-            for old in runs[: max(len(runs) - max(keep_runs, 1), 0)]:
-                workspace.delete_run(proj.id, old)
-        summary.update({"workspace": str(workspace_dir), "project_id": str(proj.id), "snapshot_id": str(ref.id)})
+        summary.update(_add_to_workspace(snapshot, Path(workspace_dir), project, keep_runs))
     summary["seconds"] = time.perf_counter() - start
     return summary
 
@@ -314,8 +321,6 @@ def prune_reports(directory: str | Path, keep: int, pattern: str = "*.html") -> 
 def time_report(n: int = 1000, d: int = 512, n_components: int = 16, seed: int = 0, workspace: bool = False) -> float:
     """Seconds for one write_report on an n x d reference and an n x d window (Evidently already imported);
     workspace=True also adds the snapshot to a fresh workspace (creating the project)."""
-    import tempfile
-
     rng = np.random.default_rng(seed)
 
     def records(shift: float) -> ReferenceSet:
