@@ -1,15 +1,17 @@
-"""Where state lives. One source of truth: ADAPTSERVE_HOME (default ./.adaptserve)."""
+"""Where state lives. One source of truth: ADAPTSERVE_HOME (default ./.adaptserve), read through models.settings."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from models import settings
 
 DEFAULT_MODEL_NAME = "digits-resnet18"
 
 
 def home() -> Path:
-    return Path(os.environ.get("ADAPTSERVE_HOME", ".adaptserve")).resolve()
+    """The absolute state directory, read at call time (tests and the CLI set the variable before calling)."""
+    return settings.load().home.resolve()
 
 
 def models_dir() -> Path:
