@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.files import write_atomic
 from models.preprocessing import Preprocessing
@@ -97,7 +98,6 @@ def _arrays(path: Path, preprocessing: Preprocessing, limit: int | None, seed: i
     if limit is not None and len(idx) > limit:
         idx = np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
     transform = preprocessing.eval_transform()
-    import torch  # heavy: only a build that stacks images needs it
 
     x = torch.stack([transform(images[i]) for i in idx]).numpy() if len(idx) else np.zeros((0, 3, 1, 1), np.float32)
     return x, np.asarray(labels)[idx]
@@ -139,7 +139,7 @@ def _describe(path: Path) -> str:
 def _cpu_session(path: Path | str):
     """On the CPU whatever the machine has: the int8 file is measured as a CPU engine serves it (all cores: a
     build is offline work, and results do not depend on the thread count)."""
-    import onnxruntime as ort  # heavy: loaded only by a build, not by whoever reads an int8 report
+    import onnxruntime as ort  # only a build opens sessions; the engine imports this module to read reports
 
     return ort.InferenceSession(str(path), ort.SessionOptions(), providers=["CPUExecutionProvider"])
 
