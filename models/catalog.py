@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
 from models.preprocessing import Preprocessing
@@ -130,8 +131,6 @@ def _load_torchvision_weights(spec: BackboneSpec, model: nn.Module, weights_name
 
 
 def _load_local_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file {path} does not exist")
     try:

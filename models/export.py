@@ -51,7 +51,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def onnx_providers() -> list[str]:
     """CUDA when both torch and ONNX Runtime can use it, else CPU."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only sessions need ONNX Runtime; export, merge and softmax do not
 
     available = ort.get_available_providers()
     if torch.cuda.is_available() and "CUDAExecutionProvider" in available:
@@ -60,7 +60,7 @@ def onnx_providers() -> list[str]:
 
 
 def session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # see onnx_providers
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -38,6 +38,27 @@ def try_lock(path: str | Path, *, create: bool = True, mode: int = 0o644) -> int
     return fd
 
 
+def create_locked(path: str | Path, mode: int = 0o600) -> int | None:
+    """Create `path` exclusively and take its exclusive lock: the descriptor, or None when the file was unlinked
+    (or replaced) before the lock was ours. FileExistsError when `path` already exists.
+
+    For lock files that a sweeper removes once their lock is free: between our create and our flock a sweeper may
+    open, lock and unlink the new file, and our lock would then guard a file nobody else can find. Comparing the
+    inode `path` names with the one we locked catches that; the caller retries under a fresh name."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a sweeper holds it, for the microseconds of its probe
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
 def acquire(path: str | Path, wait_s: float | None = None, poll_s: float = 0.05) -> int:
     """The exclusive lock on `path` (created if missing): block until free, or raise LockHeldError after wait_s."""
     if wait_s is None:

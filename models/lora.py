@@ -9,11 +9,18 @@ disturb the shared base model nor each other.
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from typing import TYPE_CHECKING
+
 from torch import nn
 
+from models.adaptation import Adaptation, AdaptConfig
 from models.classifier import Classifier, stage_of
-from models.strategies import _NORM_TYPES, Adaptation, AdaptConfig
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+
+# Norm layers an adapter may own (lora_norms): their statistics are per domain.
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def _adapted_stages(n: int, policy: str) -> range:
@@ -41,6 +48,8 @@ def lora_targets(model: Classifier, policy: str) -> tuple[list[str], list[str]]:
 
 
 def lora_config(model: Classifier, cfg: AdaptConfig) -> LoraConfig:
+    from peft import LoraConfig  # heavy (transformers, ~2.5 s): only building or loading an adapter pays it
+
     targets, norms = lora_targets(model, cfg.lora_targets)
     save = [] if cfg.lora_targets == "head" else ["head"]
     if cfg.lora_norms:
@@ -64,6 +73,8 @@ def _reset(module: nn.Module) -> None:
 def lora(model: Classifier, cfg: AdaptConfig, num_classes: int, keep_head: bool = False) -> Adaptation:
     """Wrap `model` with a LoRA adapter. The base weights stay untouched (the head too, when the class set
     is unchanged): the adapter's own copy of the head is what trains, so the base keeps serving others."""
+    from peft import get_peft_model  # heavy: see lora_config
+
     if cfg.lora_targets == "head" and num_classes != model.num_classes:
         raise ValueError("LoRA policy 'head' adapts the source head, so the target must keep the source classes")
     if num_classes != model.num_classes:
@@ -86,4 +97,6 @@ def lora(model: Classifier, cfg: AdaptConfig, num_classes: int, keep_head: bool 
 
 def load_adapter(base: Classifier, adapter_dir: str, adapter_name: str = "default") -> PeftModel:
     """The base model with a saved adapter applied, ready for inference."""
+    from peft import PeftModel  # heavy: see lora_config
+
     return PeftModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=False)

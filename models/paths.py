@@ -1,4 +1,4 @@
-"""Where state lives. One source of truth: the ADAPTSERVE_HOME setting (default ./.adaptserve)."""
+"""Where state lives. One source of truth: ADAPTSERVE_HOME (default ./.adaptserve), read through models.settings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ DEFAULT_MODEL_NAME = "digits-resnet18"
 
 
 def home() -> Path:
+    """The absolute state directory, read at call time (tests and the CLI set the variable before calling)."""
     return settings.load().home.resolve()
 
 

@@ -18,7 +18,6 @@ measured where it is built and may be served on another machine, and only the 7-
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from models.files import write_atomic
 from models.preprocessing import Preprocessing
 from models.samples import find_samples, load_samples
 
@@ -73,7 +74,7 @@ class Int8Report:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save(self, path: Path) -> None:
-        _atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path) -> Int8Report:
@@ -97,7 +98,6 @@ def _arrays(path: Path, preprocessing: Preprocessing, limit: int | None, seed: i
     if limit is not None and len(idx) > limit:
         idx = np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
     transform = preprocessing.eval_transform()
-    import torch
 
     x = torch.stack([transform(images[i]) for i in idx]).numpy() if len(idx) else np.zeros((0, 3, 1, 1), np.float32)
     return x, np.asarray(labels)[idx]
@@ -136,25 +136,10 @@ def _describe(path: Path) -> str:
     return f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cpu_session(path: Path | str):
     """On the CPU whatever the machine has: the int8 file is measured as a CPU engine serves it (all cores: a
     build is offline work, and results do not depend on the thread count)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # only a build opens sessions; the engine imports this module to read reports
 
     return ort.InferenceSession(str(path), ort.SessionOptions(), providers=["CPUExecutionProvider"])
 
@@ -166,6 +151,7 @@ def _logits(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
 def build_int8(fp32_path: Path, out: Path, data: LabelledArrays, report_path: Path | None = None) -> Int8Report:
     """Quantize `fp32_path` into `out` (atomically), measure both models on `data` and save the report at
     `report_path` (default: INT8_REPORT in the directory of `out`)."""
+    # heavy, and only a build needs them: the engine imports this module just to read int8 reports
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -196,7 +182,7 @@ def build_int8(fp32_path: Path, out: Path, data: LabelledArrays, report_path: Pa
             reduce_range=True,
         )
         ref, low = _logits(_cpu_session(fp32_path), data.eval_x), _logits(_cpu_session(q), data.eval_x)
-        _atomic_write(out, q.read_bytes())
+        write_atomic(out, q.read_bytes())
     y = np.asarray(data.eval_y)
     report = Int8Report(
         eval_set=data.eval_set,

@@ -11,59 +11,62 @@ must be crash-safe and visible atomically:
 * staging dirs carry an ``flock`` held for their whole life, so an open in another process never sweeps a live
   writer's staging dir, while a SIGKILLed writer's lock disappears with it.
 
-``open_registry`` is the entry point; ``AdapterRegistry`` is the interface a second backend will implement.
+``open_registry`` is the entry point; ``AdapterRegistry`` (models/registry_interface.py, with the records and
+the name rules) is the interface a second backend will implement; the errors are in models/registry_errors.py and
+the locked staging dirs in models/staging.py. This module is the SQLite backend.
 """
 
 from __future__ import annotations
 
-import abc
-import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import sqlite3
-import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, closing, contextmanager
-from dataclasses import dataclass, replace
+from contextlib import closing, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
-from models.sqlite import transaction
+from models import settings
+from models.files import copy_tree_durable, ensure_dir, file_sha256, fsync_dir, hash_tree, write_durable
+from models.registry_errors import (
+    AdapterNotFoundError,
+    ChampionDeleteError,
+    CorruptAdapterError,
+    InvalidAdapterError,
+    InvalidNameError,
+    InvalidVersionError,
+    RegistryError,
+    RollbackError,
+    UnsupportedBackendError,
+)
+from models.registry_interface import (
+    MAX_VERSION,
+    NAME_PATTERN,
+    AdapterInfo,
+    AdapterRegistry,
+    AdapterVersion,
+    Promotion,
+    check_name,
+    check_version,
+)
+from models.sqlite import connect, init_db, transaction
+from models.staging import staging_dir, sweep
 
 __all__ = [
-    "CRASH_ENV",
-    "CRASH_PHASES",
-    "NAME_PATTERN",
-    "REQUIRED_FILES",
-    "AdapterInfo",
-    "AdapterNotFoundError",
-    "AdapterRegistry",
-    "AdapterVersion",
-    "ChampionDeleteError",
-    "CorruptAdapterError",
-    "InvalidAdapterError",
-    "InvalidNameError",
-    "InvalidVersionError",
-    "MAX_VERSION",
-    "Promotion",
-    "RegistryError",
-    "RollbackError",
-    "SQLiteRegistry",
-    "UnsupportedBackendError",
-    "default_home",
-    "open_registry",
+    # the registry
+    "CRASH_ENV", "CRASH_PHASES", "REQUIRED_FILES", "SQLiteRegistry", "default_home", "open_registry",
+    # its contract (models.registry_interface) and errors (models.registry_errors): callers import them from here
+    "MAX_VERSION", "NAME_PATTERN", "AdapterInfo", "AdapterRegistry", "AdapterVersion", "Promotion",
+    "AdapterNotFoundError", "ChampionDeleteError", "CorruptAdapterError", "InvalidAdapterError", "InvalidNameError",
+    "InvalidVersionError", "RegistryError", "RollbackError", "UnsupportedBackendError",
 ]
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
-MAX_VERSION = 2**63 - 1  # SQLite's INTEGER range: a larger client number must be refused before a query
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
 CRASH_ENV = "ADAPTSERVE_REGISTRY_CRASH_AT"
 # Test-only SIGKILL points (see _crash_point); listed so tests can assert they cover every one.
@@ -76,10 +79,7 @@ CRASH_PHASES = (
     "delete_before_commit",
     "delete_after_commit",
 )
-HOME_ENV = "ADAPTSERVE_HOME"
 DB_FILE = "registry.db"
-_SCHEMA_VERSION = 1
-_CHUNK = 1 << 20
 _MAX_LISTED = 20
 
 _SCHEMA = """
@@ -107,163 +107,9 @@ CREATE TABLE IF NOT EXISTS promotions (
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO state (key, value) VALUES ('generation', 0);
+-- the schema's version: bump it with any change to the tables above
+PRAGMA user_version = 1;
 """
-
-
-# --------------------------------------------------------------------------------------------- errors
-
-
-class RegistryError(Exception):
-    """Base class so callers can catch every registry failure with one except clause.
-
-    `status_code` is the HTTP status a service answers with (service/errors.py reads it)."""
-
-    status_code = 400
-
-
-class InvalidNameError(RegistryError, ValueError):
-    """Adapter name does not match NAME_PATTERN (names become directory names, so they must be safe)."""
-
-
-class InvalidAdapterError(RegistryError, ValueError):
-    """The directory handed to register() is not a complete, parseable PEFT adapter + metadata.json."""
-
-
-class AdapterNotFoundError(RegistryError, KeyError):
-    """Unknown adapter name or version; KeyError-like so ``except KeyError`` callers keep working."""
-
-    status_code = 404
-
-    def __str__(self) -> str:
-        # KeyError.__str__ would repr() the message and wrap it in quotes.
-        return str(self.args[0]) if self.args else ""
-
-
-class CorruptAdapterError(RegistryError):
-    """Artifact files on disk are missing or no longer match the sha256 recorded at register time."""
-
-    status_code = 409
-
-    def __init__(self, name: str, version: int, problems: list[tuple[str, str, str]]) -> None:
-        self.name, self.version, self.problems = name, version, problems
-        details = "; ".join(f"file {f!r}: expected sha256 {exp}, actual {act}" for f, exp, act in problems)
-        super().__init__(f"adapter {name!r} version {version} is corrupt: {details}")
-
-
-class ChampionDeleteError(RegistryError):
-    """Deleting the champion would leave serving workers pointing at nothing."""
-
-    status_code = 409
-
-
-class RollbackError(RegistryError):
-    """rollback() found no earlier champion (still registered) to go back to."""
-
-    status_code = 409
-
-
-class InvalidVersionError(RegistryError, ValueError):
-    """A version number outside 1..MAX_VERSION (no such version can exist)."""
-
-
-class UnsupportedBackendError(RegistryError, ValueError):
-    """open_registry() got a URL scheme with no backend implementation yet."""
-
-
-# --------------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One registered version; a snapshot (is_champion is as of the read that produced it)."""
-
-    name: str
-    version: int
-    path: Path
-    metadata: dict[str, Any]
-    sha256: dict[str, str]
-    created_at: str
-    is_champion: bool
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """An adapter name with all its live versions (ascending) and its champion version, if any."""
-
-    name: str
-    champion: int | None
-    versions: list[AdapterVersion]
-
-
-@dataclass(frozen=True)
-class Promotion:
-    """One champion change; ``previous`` is the champion it replaced, ``action`` is promote or rollback."""
-
-    name: str
-    version: int
-    previous: int | None
-    promoted_at: str
-    action: str
-
-
-# --------------------------------------------------------------------------------------------- interface
-
-
-class AdapterRegistry(abc.ABC):
-    """Backend-neutral registry interface, so a server-backed registry can replace SQLite later."""
-
-    @abc.abstractmethod
-    def register(self, name: str, src_dir: str | Path, *, metadata: Mapping[str, Any] | None = None) -> AdapterVersion:
-        """Copy an adapter directory in as the next version of ``name``."""
-
-    @abc.abstractmethod
-    def promote(self, name: str, version: int, *, verify: bool = True) -> AdapterVersion:
-        """Make ``version`` the champion of ``name`` (after re-hashing its files, unless `verify` is False)."""
-
-    @abc.abstractmethod
-    def rollback(self, name: str) -> AdapterVersion:
-        """Go back to the champion before the current one, following promotion history."""
-
-    @abc.abstractmethod
-    def list_adapters(self) -> list[AdapterInfo]:
-        """Every adapter with its versions, champion and metadata."""
-
-    @abc.abstractmethod
-    def get(self, name: str, version: int) -> AdapterVersion:
-        """One version's record."""
-
-    @abc.abstractmethod
-    def champion(self, name: str) -> AdapterVersion | None:
-        """The champion's record, or None if nothing was promoted yet."""
-
-    @abc.abstractmethod
-    def delete(self, name: str, version: int) -> None:
-        """Remove a non-champion version; its number is never reused."""
-
-    @abc.abstractmethod
-    def path(self, name: str, version: int) -> Path:
-        """Directory holding the version's artifacts."""
-
-    @abc.abstractmethod
-    def generation(self) -> int:
-        """Counter bumped by every change; cheap enough for serving workers to poll."""
-
-    @abc.abstractmethod
-    def verify(self, name: str, version: int) -> AdapterVersion:
-        """Re-hash the artifacts; raise CorruptAdapterError on any missing or changed file."""
-
-    @abc.abstractmethod
-    def history(self, name: str) -> list[Promotion]:
-        """Champion changes of ``name``, oldest first."""
-
-    @abc.abstractmethod
-    def staging(self) -> AbstractContextManager[Path]:
-        """A private scratch dir for work that ends in register() (publish builds model.onnx there), removed on
-        exit; if its owner is SIGKILLed, the next staging() or open removes it."""
-
-    def load_check(self, name: str, version: int) -> AdapterVersion:
-        """verify() under the name loaders use: call it right before loading weights from ``path``."""
-        return self.verify(name, version)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -279,85 +125,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _check_name(name: object) -> str:
-    """Names become directory names and URL segments, so only a conservative charset is allowed."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidNameError(
-            f"invalid adapter name {name!r}: must match {NAME_PATTERN} "
-            "(lowercase letters, digits, '_' and '-', starting with a letter or digit, at most 64 characters)"
-        )
-    return name
-
-
-def _check_version(version: object) -> int:
-    """SQLite would happily compare '1' with 1, so reject non-ints before they reach a query; and it raises
-    OverflowError on integers past 64 bits, so range-check them first."""
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise TypeError(f"adapter version must be an int, got {version!r}")
-    if not -MAX_VERSION - 1 <= version <= MAX_VERSION:
-        raise InvalidVersionError(f"adapter version {version} is out of range: no version can be past {MAX_VERSION}")
-    return version
-
-
 def _shorten(items: list[Any]) -> str:
     shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
     more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
     return f"[{shown}{more}]"
-
-
-def _fsync_dir(path: Path) -> None:
-    """A rename or create is only durable once the containing directory is fsynced."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _ensure_dir(path: Path) -> None:
-    """mkdir -p that fsyncs each parent it had to create a child in, so new dirs survive power loss."""
-    if path.is_dir():
-        return
-    _ensure_dir(path.parent)
-    path.mkdir(exist_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy regular files (following symlinks) and fsync each, so the staged copy is durable before rename."""
-    for item in sorted(src.rglob("*")):
-        target = dst / item.relative_to(src)
-        if item.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif item.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(item, "rb") as fi, open(target, "xb") as fo:
-                shutil.copyfileobj(fi, fo, _CHUNK)
-                fo.flush()
-                os.fsync(fo.fileno())
-    for d in sorted((p for p in dst.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
-    _fsync_dir(dst)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file keyed by POSIX relative path, recorded so verify() can detect bit rot or tampering."""
-    return {p.relative_to(root).as_posix(): _sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _read_json_object(path: Path, shown: Path) -> dict[str, Any]:
@@ -401,71 +172,8 @@ def _merge_metadata(stage: Path, file_meta: dict[str, Any], extra: Mapping[str, 
     except (TypeError, ValueError) as e:
         raise InvalidAdapterError(f"metadata argument is not JSON-serializable: {e}") from e
     os.unlink(stage / "metadata.json")
-    _write_file(stage / "metadata.json", text.encode("utf-8"))
+    write_durable(stage / "metadata.json", text.encode("utf-8"))
     return merged
-
-
-# --------------------------------------------------------------------------------------------- staging locks
-
-
-def _new_stage_lock(tmp_root: Path) -> tuple[int, str]:
-    """Create and flock ``<token>.lock``; retry if a sweeper unlinked it between our create and our flock."""
-    while True:
-        token = f"{os.getpid()}-{uuid.uuid4().hex}"
-        lock_path = tmp_root / f"{token}.lock"
-        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                return fd, token
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-@contextmanager
-def _staging(tmp_root: Path) -> Iterator[Path]:
-    """A private dir under home, locked for its whole life; removed on exit unless renamed away."""
-    _ensure_dir(tmp_root)
-    fd, token = _new_stage_lock(tmp_root)
-    stage = tmp_root / token
-    try:
-        stage.mkdir()
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        (tmp_root / f"{token}.lock").unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _sweep_token(tmp_root: Path, token: str) -> None:
-    """Remove one staging dir + lock, but only if no live process holds the lock."""
-    lock_path = tmp_root / f"{token}.lock"
-    try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except FileNotFoundError:
-        # Owners create the lock before the dir and unlink it after, so a lock-less dir is a leftover.
-        shutil.rmtree(tmp_root / token, ignore_errors=True)
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return
-    try:
-        shutil.rmtree(tmp_root / token, ignore_errors=True)
-        lock_path.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
-
-
-def _sweep_staging(tmp_root: Path) -> None:
-    """Drop staging leftovers of killed writers; a kill -9 cannot run cleanup, so the next open does."""
-    if not tmp_root.is_dir():
-        return
-    tokens = {p.name.removesuffix(".lock") for p in tmp_root.iterdir()}
-    for token in sorted(tokens):
-        _sweep_token(tmp_root, token)
 
 
 # --------------------------------------------------------------------------------------------- SQLite backend
@@ -485,8 +193,8 @@ class SQLiteRegistry(AdapterRegistry):
         self.adapters_dir = self.home / "adapters"
         self.tmp_dir = self.home / "tmp"
         self._timeout = timeout
-        _ensure_dir(self.home)
-        self._init_db()
+        ensure_dir(self.home)
+        init_db(self.db_path, _SCHEMA, timeout)
         self._recover()
 
     def __repr__(self) -> str:
@@ -495,8 +203,7 @@ class SQLiteRegistry(AdapterRegistry):
     # ---------------------------------------------------------------- connections
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=self._timeout, isolation_level=None)
-        conn.execute("PRAGMA synchronous=FULL")
+        conn = connect(self.db_path, self._timeout)  # synchronous=FULL: a registered version survives power loss
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
@@ -518,26 +225,13 @@ class SQLiteRegistry(AdapterRegistry):
             if commit_phase:
                 _crash_point(commit_phase)
 
-    def _init_db(self) -> None:
-        with closing(self._connect()) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-        with self._write() as conn:
-            self._create_schema(conn)
-
-    @staticmethod
-    def _create_schema(conn: sqlite3.Connection) -> None:
-        # executescript() would COMMIT our BEGIN IMMEDIATE, so run statements one by one.
-        for stmt in filter(str.strip, _SCHEMA.split(";")):
-            conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-
     def _recover(self) -> None:
         """Sweep what killed writers left: staging dirs, and artifact dirs that never got their DB row.
 
         Runs under the DB write lock: publishing renames + inserts inside that lock, so any row-less
         artifact dir seen while holding it belongs to a dead process.
         """
-        _sweep_staging(self.tmp_dir)
+        sweep(self.tmp_dir)
         if not self.adapters_dir.is_dir():
             return
         with self._write() as conn:
@@ -554,7 +248,7 @@ class SQLiteRegistry(AdapterRegistry):
 
     def _require_adapter(self, conn: sqlite3.Connection, name: str) -> int | None:
         """Return the champion of ``name`` or raise AdapterNotFoundError listing the names that exist."""
-        row = conn.execute("SELECT champion FROM adapters WHERE name = ?", (_check_name(name),)).fetchone()
+        row = conn.execute("SELECT champion FROM adapters WHERE name = ?", (check_name(name),)).fetchone()
         if row is None:
             names = [n for (n,) in conn.execute("SELECT name FROM adapters ORDER BY name")]
             raise AdapterNotFoundError(f"adapter {name!r} not found; existing adapters: {_shorten(names)}")
@@ -579,7 +273,7 @@ class SQLiteRegistry(AdapterRegistry):
         champion = self._require_adapter(conn, name)
         row = conn.execute(
             "SELECT name, version, metadata, sha256, created_at FROM versions WHERE name = ? AND version = ?",
-            (name, _check_version(version)),
+            (name, check_version(version)),
         ).fetchone()
         if row is None:
             existing = self._version_numbers(conn, name)
@@ -596,23 +290,23 @@ class SQLiteRegistry(AdapterRegistry):
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A locked dir under ``<home>/tmp``, after sweeping the dirs there whose owner died (their lock is free)."""
-        _sweep_staging(self.tmp_dir)
-        with _staging(self.tmp_dir) as stage:
+        sweep(self.tmp_dir)
+        with staging_dir(self.tmp_dir) as stage:
             yield stage
 
     def register(self, name: str, src_dir: str | Path, *, metadata: Mapping[str, Any] | None = None) -> AdapterVersion:
         """Stage, validate, hash and fsync a copy first; only then publish it, so readers never see half an adapter."""
-        _check_name(name)
+        check_name(name)
         src = Path(src_dir)
         if not src.is_dir():
             raise InvalidAdapterError(f"adapter directory {src} does not exist or is not a directory")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise InvalidAdapterError(f"metadata argument must be a mapping, got {type(metadata).__name__}")
-        with _staging(self.tmp_dir) as stage:
-            _copy_tree(src, stage)
+        with staging_dir(self.tmp_dir) as stage:
+            copy_tree_durable(src, stage)
             merged = _merge_metadata(stage, _validate_staged(src, stage), metadata)
-            sha = _hash_tree(stage)
-            _fsync_dir(stage)
+            sha = hash_tree(stage)
+            fsync_dir(stage)
             _crash_point("after_copy")
             return self._publish(name, stage, merged, sha)
 
@@ -622,11 +316,11 @@ class SQLiteRegistry(AdapterRegistry):
             row = conn.execute("SELECT last_version, champion FROM adapters WHERE name = ?", (name,)).fetchone()
             version, champion = (row[0] + 1, row[1]) if row else (1, None)
             final = self._artifact_dir(name, version)
-            _ensure_dir(final.parent)
+            ensure_dir(final.parent)
             if final.exists():  # a dead writer's rename whose row never committed (we hold the write lock)
                 shutil.rmtree(final)
             os.rename(stage, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             try:
                 _crash_point("after_rename")
                 created_at = self._insert_version(conn, name, version, metadata, sha)
@@ -769,7 +463,7 @@ class SQLiteRegistry(AdapterRegistry):
         problems: list[tuple[str, str, str]] = []
         for rel, expected in sorted(record.sha256.items()):
             file = record.path / rel
-            actual = _sha256_file(file) if file.is_file() else "<missing>"
+            actual = file_sha256(file) if file.is_file() else "<missing>"
             if actual != expected:
                 problems.append((rel, expected, actual))
         if problems:
@@ -781,8 +475,8 @@ class SQLiteRegistry(AdapterRegistry):
 
 
 def default_home() -> Path:
-    """$ADAPTSERVE_HOME, else ./.adaptserve (resolved at call time so tests and CLIs can set the env var)."""
-    return Path(os.environ.get(HOME_ENV) or ".adaptserve")
+    """ADAPTSERVE_HOME, else ./.adaptserve (read at call time so tests and CLIs can set the variable)."""
+    return settings.load().home
 
 
 def open_registry(url_or_path: str | Path | None = None) -> AdapterRegistry:

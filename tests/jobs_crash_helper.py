@@ -54,9 +54,9 @@ def fake_retrain(
 
 def _hang_mid_publish(home: Path) -> None:
     """Stage half an adapter the way the registry does (flocked staging dir), then wait to be killed."""
-    from models.registry import _staging
+    from models.staging import staging_dir
 
-    with _staging(home / "tmp") as stage:
+    with staging_dir(home / "tmp") as stage:
         (stage / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         (home / SLOW_STARTED).write_text(str(os.getpid()))
         time.sleep(120)

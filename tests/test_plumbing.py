@@ -100,6 +100,42 @@ def test_is_locked_on_missing_file(tmp_path: Path) -> None:
         locks.try_lock(tmp_path / "nope.lock", create=False)
 
 
+def test_create_locked_holds_a_new_file_and_refuses_an_existing_one(tmp_path: Path) -> None:
+    path = tmp_path / "s.lock"
+    fd = locks.create_locked(path)
+    assert fd is not None and locks.is_locked(path) and (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        locks.create_locked(path)
+    locks.release(fd)
+    assert not locks.is_locked(path)
+
+
+def _unlink_first(path: Path, recreate: bool):
+    """An flock that lets a sweeper win the race first: it unlinks (and maybe re-creates) `path`, then locks."""
+    real = locks.fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        path.unlink()
+        if recreate:
+            path.touch()
+        real(fd, op)
+
+    return flock
+
+
+@pytest.mark.parametrize("recreate", [False, True], ids=["unlinked", "replaced"])
+def test_create_locked_notices_a_sweeper_between_create_and_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recreate: bool
+) -> None:
+    path = tmp_path / "s.lock"
+    open_fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(locks.fcntl, "flock", _unlink_first(path, recreate))
+    assert locks.create_locked(path) is None
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == open_fds, "the descriptor of the lost file must be closed"
+    assert path.exists() == recreate and not locks.is_locked(path)
+
+
 def test_locked_serialises_threads(tmp_path: Path) -> None:
     path, guard, inside, overlap = tmp_path / "t.lock", threading.Lock(), [], []
 

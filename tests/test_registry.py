@@ -33,9 +33,9 @@ from models.registry import (
     RollbackError,
     SQLiteRegistry,
     UnsupportedBackendError,
-    _staging,
     open_registry,
 )
+from models.staging import staging_dir
 
 HELPER = Path(__file__).with_name("registry_crash_helper.py")
 CONFIG = {"peft_type": "LORA", "r": 4}
@@ -620,7 +620,7 @@ def test_open_sweeps_dead_staging_but_not_live_staging(home: Path, registry: SQL
     (registry.tmp_dir / "dead-unheld").mkdir()
     orphan = home / "adapters" / "cam" / "7"
     orphan.mkdir(parents=True)
-    with _staging(registry.tmp_dir) as live:
+    with staging_dir(registry.tmp_dir) as live:
         (live / "partial").write_bytes(b"x")
         SQLiteRegistry(home)
         assert (live / "partial").exists()
