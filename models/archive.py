@@ -30,7 +30,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
-from models.artifacts import ADAPTER_FILES, ArtifactError
+from models.metadata import ADAPTER_FILES, ArtifactError
 
 _MIB = 1 << 20
 _CHUNK = _MIB

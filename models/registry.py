@@ -35,6 +35,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from models.metadata import ADAPTER_FILES, ADAPTER_META, AdapterMeta
 from models.sqlite import transaction
 
 __all__ = [
@@ -64,7 +65,7 @@ __all__ = [
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 MAX_VERSION = 2**63 - 1  # SQLite's INTEGER range: a larger client number must be refused before a query
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
+REQUIRED_FILES = ADAPTER_FILES
 CRASH_ENV = "ADAPTSERVE_REGISTRY_CRASH_AT"
 # Test-only SIGKILL points (see _crash_point); listed so tests can assert they cover every one.
 CRASH_PHASES = (
@@ -184,6 +185,11 @@ class AdapterVersion:
     sha256: dict[str, str]
     created_at: str
     is_champion: bool
+
+    @property
+    def meta(self) -> AdapterMeta:
+        """`metadata` typed (models/metadata.py); ArtifactError when it lacks a key every adapter has."""
+        return AdapterMeta.from_dict(self.metadata, source=self.path / ADAPTER_META)
 
 
 @dataclass(frozen=True)
@@ -388,11 +394,12 @@ def _validate_staged(src: Path, stage: Path) -> dict[str, Any]:
             )
     _read_json_object(stage / "adapter_config.json", src / "adapter_config.json")
     _check_safetensors(stage / "adapter_model.safetensors", src / "adapter_model.safetensors")
-    return _read_json_object(stage / "metadata.json", src / "metadata.json")
+    return _read_json_object(stage / ADAPTER_META, src / ADAPTER_META)
 
 
 def _merge_metadata(stage: Path, file_meta: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Shallow-merge the argument over metadata.json and write it back, so disk and DB tell the same story."""
+    """Shallow-merge the argument over metadata.json and write it back, so disk and DB tell the same story (an
+    AdapterMeta keeps keys it does not know, so a merged file still loads as one)."""
     if not extra:
         return file_meta
     merged = {**file_meta, **extra}
@@ -400,8 +407,8 @@ def _merge_metadata(stage: Path, file_meta: dict[str, Any], extra: Mapping[str, 
         text = json.dumps(merged, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise InvalidAdapterError(f"metadata argument is not JSON-serializable: {e}") from e
-    os.unlink(stage / "metadata.json")
-    _write_file(stage / "metadata.json", text.encode("utf-8"))
+    os.unlink(stage / ADAPTER_META)
+    _write_file(stage / ADAPTER_META, text.encode("utf-8"))
     return merged
 
 
