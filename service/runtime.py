@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from models.artifacts import load_model
+from models.classifier import Classifier
 from models.export import softmax
-from models.metadata import BASE, BASE_NAME
+from models.metadata import BASE, BASE_NAME, ModelMeta
 from models.registry import AdapterNotFoundError, CorruptAdapterError, RegistryError, open_registry
 from service import metrics
 from service.config import ServiceConfig
@@ -62,7 +63,7 @@ class Swap:
     seconds: float
 
 
-def make_engine(cfg: ServiceConfig, base, base_meta) -> Engine:
+def make_engine(cfg: ServiceConfig, base: Classifier, base_meta: ModelMeta) -> Engine:
     if cfg.engine == "torch":
         return TorchEngine(base, base_meta, cfg.max_loaded)
     precision = "int8" if cfg.engine == "onnx-int8" else "fp32"
