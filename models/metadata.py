@@ -166,7 +166,8 @@ class _Meta:
         if data.get("kind", cls.kind) != cls.kind:
             raise ArtifactError(f"{source} has kind {data['kind']!r}, expected {cls.kind!r}")
         known = {f.name for f in fields(cls)} - {"extra"}
-        values = {name: cls._field(name, data[name], source) for name in known if name in data}
+        # null reads as missing: the field's default (a file never needs null where a default exists)
+        values = {name: cls._field(name, data[name], source) for name in known if data.get(name) is not None}
         if "num_classes" in data and data["num_classes"] != len(values["classes"]):
             raise ArtifactError(
                 f"{source} says num_classes {data['num_classes']!r} but lists {len(values['classes'])} classes"

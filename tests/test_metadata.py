@@ -117,6 +117,11 @@ def test_optional_keys_an_old_file_lacks_get_defaults() -> None:
     assert meta.format_version == FORMAT_VERSION == 1 and meta.extra == {}
 
 
+def test_null_reads_as_the_default() -> None:
+    meta = AdapterMeta.from_dict({**ADAPTER_FILES["random"], "metrics": None, "config": None, "head_dropout": None})
+    assert (meta.metrics, meta.config, meta.head_dropout, meta.scores("target_test")) == ({}, {}, 0.0, {})
+
+
 def test_unknown_keys_survive_load_and_save() -> None:
     newer = {**MODEL_FILES["pretrain"], "format_version": 2, "calibration": {"temperature": 1.3}, "tags": ["a"]}
     meta = ModelMeta.from_dict(newer)
