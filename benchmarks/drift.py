@@ -41,6 +41,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from models.metadata import BASE, ModelMeta
+
 DEFAULT_SHIFTS = ("gaussian_noise", "defocus_blur", "contrast", "rotation", "brightness", "invert")
 QUICK_SHIFTS = ("gaussian_noise",)
 TARGETS = {"false_alarm_rate": 0.01, "detection_delay_severity_3": 200, "check_ms": 100.0, "capture_overhead": 0.10}
@@ -72,13 +74,13 @@ class Traffic:
     """Images -> monitoring features as the service records them, through the serving engine."""
 
     def __init__(self, model_dir: Path, work: Path) -> None:
-        from models.artifacts import load_model, preprocessing_of
+        from models.artifacts import load_model
         from service.engine import OnnxEngine
 
         base, self.meta = load_model(model_dir)
-        self.transform = preprocessing_of(self.meta).eval_transform()
+        self.transform = self.meta.preprocessing.eval_transform()
         self.engine = OnnxEngine(base, self.meta, work / "onnx-cache")
-        self.classes = list(self.meta["classes"])
+        self.classes = list(self.meta.classes)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         import torch
@@ -88,7 +90,6 @@ class Traffic:
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probs, embeddings) for a preprocessed batch, served by the base model."""
         from models.export import softmax
-        from service.engine import BASE
 
         logits, emb = self.engine.run(x, [BASE] * len(x))
         return softmax(logits), emb
@@ -225,7 +226,7 @@ def capture_overhead(traffic: Traffic, images: Sequence[Any], model_dir: Path, w
             probs, emb = traffic.infer(x)
             if capture:
                 for i, pid in enumerate(chunk_ids):  # one record() per request, as Runtime.predict does
-                    monitor.record("base", 0, [pid], [chunk[i]], probs[i : i + 1], emb[i : i + 1])
+                    monitor.record(*BASE, [pid], [chunk[i]], probs[i : i + 1], emb[i : i + 1])
         if capture:
             monitor.flush()
         return time.perf_counter() - wall, time.process_time() - cpu
@@ -258,7 +259,7 @@ def _record_cost(monitor: Any, chunk: Sequence[Any], outputs: tuple[np.ndarray, 
     monitor.flush()
     start = time.perf_counter()
     for i in range(n):
-        monitor.record("base", 0, [f"cost-{i}"], [chunk[0]], probs[:1], emb[:1])
+        monitor.record(*BASE, [f"cost-{i}"], [chunk[0]], probs[:1], emb[:1])
     elapsed = (time.perf_counter() - start) / n * 1e6
     monitor.flush()
     return elapsed
@@ -291,7 +292,7 @@ def run(
     model_dir = _source_model(model, work)
     traffic = Traffic(model_dir, work)
     reference = ReferenceSet.load(base_reference(model_dir, work / "home"))
-    test = digits_splits(int(traffic.meta["preprocessing"]["crop_size"]), seed=0).test  # pretrain's split
+    test = digits_splits(traffic.meta.preprocessing.crop_size, seed=0).test  # pretrain's split
     if len(test) < window + every:
         raise ValueError(f"the held-out pool has {len(test)} images; use --window below {len(test) - every}.")
     clean = traffic.features(test.images)
@@ -433,9 +434,7 @@ def command(
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-drift-") as tmp:
         result = run(model, Path(tmp), window=window, every=every, clean_trials=clean_trials, trials=trials,
                      shifts=shift_names, severities=levels, reps=reps, evidently=not quick, seed=seed, quick=quick)
-        from models.artifacts import model_id, read_json
-
-        result["model"] = model_id(read_json((model or Path(tmp) / "digits-resnet18") / "model.json"))
+        result["model"] = ModelMeta.read(model or Path(tmp) / "digits-resnet18").model_id
     result.update(
         trials=trials, clean_trials=clean_trials, reps=reps, quick=quick, seconds=time.perf_counter() - started,
         command=invocation, date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), machine=_machine(),

@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from models.metadata import AdapterMeta
 from pipelines.data import ImageSet
 
 TARGETS = {"recovered_fraction": 0.9, "max_labels": 500, "max_source_drop_points": 1.0, "max_job_seconds": 180.0}
@@ -52,7 +53,7 @@ class BenchConfig:
 
 def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, epochs: int) -> int:
     """The site's current champion: a LoRA (the retrain config's rank/targets) trained briefly on clean digits."""
-    from models.artifacts import load_model, model_id, preprocessing_of, save_adapter
+    from models.artifacts import load_model, save_adapter
     from models.preprocessing import parse_augment
     from models.samples import sample_path, save_image_set
     from pipelines.release import publish
@@ -60,7 +61,7 @@ def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, 
     from pipelines.train import TrainConfig, fit, seed_everything
 
     base, meta = load_model(base_dir)
-    prep = preprocessing_of(meta)
+    prep = meta.preprocessing
     seed_everything(cfg.seed)
     adaptation = challenger_from(base, None, cfg)
     train, val = split_labels(clean, 0.2, cfg.seed)
@@ -70,15 +71,7 @@ def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, 
         val.with_transform(prep.eval_transform()),
         TrainConfig(epochs=epochs, batch_size=cfg.batch_size, seed=cfg.seed),
     )
-    keys = ("backbone", "classes", "preprocessing")
-    adapter_meta = {k: meta[k] for k in keys} | {
-        "num_classes": len(meta["classes"]),
-        "strategy": "lora",
-        "base_model": model_id(meta),
-        "parent": model_id(meta),
-        "config": {"bench": "clean site champion"},
-        "metrics": {},
-    }
+    adapter_meta = AdapterMeta.for_base(meta, config={"bench": "clean site champion"})
     out = save_adapter(adaptation.model.cpu(), adapter_meta, work / "champion")
     save_image_set(sample_path(out, "reference"), clean)
     return publish(registry, "site", out, base_dir, promote=True).version
@@ -86,13 +79,13 @@ def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, 
 
 def _accuracy(registry, base_dir: Path, dataset: ImageSet) -> float:
     """The champion of "site" (as the registry serves it) on `dataset`."""
-    from models.artifacts import load_adapter_model, load_model, preprocessing_of
+    from models.artifacts import load_adapter_model, load_model
     from pipelines.evaluate import evaluate
 
     base, meta = load_model(base_dir)
     champion = registry.champion("site")
     model, _ = load_adapter_model(champion.path, copy.deepcopy(base), meta)
-    return evaluate(model, dataset.with_transform(preprocessing_of(meta).eval_transform()), meta["classes"]).accuracy
+    return evaluate(model, dataset.with_transform(meta.preprocessing.eval_transform()), list(meta.classes)).accuracy
 
 
 def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from models import settings
-from models.artifacts import ADAPTER_FILES, ArtifactError
+from models.metadata import ADAPTER_FILES, ArtifactError
 
 _MIB = 1 << 20
 _CHUNK = _MIB

@@ -1,19 +1,20 @@
-"""Artifacts on disk: base models as safetensors + JSON, adapters in PEFT format + metadata.json.
+"""Artifacts on disk: base models as safetensors + model.json, adapters in PEFT format + metadata.json.
 
-Never pickle: weights are safetensors, metadata is JSON, and any torch.load uses weights_only=True.
-Every save writes into a temporary sibling directory and renames it into place, so a reader never
-sees a half-written artifact.
+Never pickle: weights are safetensors, metadata is JSON (typed by models/metadata.py), and any torch.load uses
+weights_only=True. Every save writes into a temporary sibling directory and renames it into place, so a reader
+never sees a half-written artifact.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.classifier import Classifier, build_classifier
+from models.metadata import (
+    ADAPTER_FILES,
+    ADAPTER_META,
+    MODEL_META,
+    AdapterMeta,
+    ArtifactError,
+    ModelMeta,
+    read_json,
+    write_json,
+)
 from models.preprocessing import Preprocessing
 
-MODEL_FILE, MODEL_META = "model.safetensors", "model.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
-
-
-class ArtifactError(ValueError):
-    """An artifact is missing, corrupt, or does not fit the model it is loaded onto."""
+MODEL_FILE, ADAPTER_WEIGHTS = "model.safetensors", "adapter_model.safetensors"
+# re-exported from models/metadata.py, where they live (torch-free): ADAPTER_FILES, MODEL_META, ArtifactError,
+# read_json, write_json
+__all__ = [
+    "ADAPTER_FILES", "ADAPTER_WEIGHTS", "MODEL_FILE", "MODEL_META", "ArtifactError", "atomic_dir", "file_sha256",
+    "load_adapter_model", "load_model", "model_id", "now_iso", "preprocessing_of", "read_adapter_meta", "read_json",
+    "save_adapter", "save_model", "write_json",
+]
 
 
 def now_iso() -> str:
@@ -73,90 +86,89 @@ def atomic_dir(target: Path):
         raise
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def save_model(model: Classifier, meta: ModelMeta | Mapping[str, Any], out: str | Path) -> Path:
+    """A full model: model.safetensors (backbone + head) and model.json (everything needed to rebuild it).
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing") from None
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path} is not valid JSON: {err}") from None
-
-
-def save_model(model: Classifier, meta: dict[str, Any], out: str | Path) -> Path:
-    """A full model: model.safetensors (backbone + head) and model.json (everything needed to rebuild it)."""
+    The backbone written is the model's own; the weights' sha256 and (unless `meta` has one) the time are set here.
+    A plain mapping is transitional (benchmarks/serve.py still builds one); it takes the same keys as model.json."""
     out = Path(out)
+    if not isinstance(meta, ModelMeta):
+        meta = ModelMeta.from_dict({**meta, "backbone": model.spec_name}, source=out / MODEL_META)
+    if meta.num_classes != model.num_classes:
+        raise ArtifactError(f"{out}: the model has {model.num_classes} outputs, its metadata lists {meta.num_classes} "
+                            "classes")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / MODEL_FILE))
-        full = {"kind": "model", "format_version": 1, "created_at": now_iso(), **meta}
-        full.update(backbone=model.spec_name, num_classes=model.num_classes, sha256=file_sha256(tmp / MODEL_FILE))
-        write_json(tmp / MODEL_META, full)
+        saved = replace(meta, backbone=model.spec_name, sha256=file_sha256(tmp / MODEL_FILE),
+                        created_at=meta.created_at or now_iso())
+        write_json(tmp / MODEL_META, saved.to_dict())
     return out
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Classifier, ModelMeta]:
     path = Path(path)
-    meta = read_json(path / MODEL_META)
+    meta = ModelMeta.read(path)
     weights = path / MODEL_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights} is missing")
-    if meta.get("sha256") and file_sha256(weights) != meta["sha256"]:
+    if meta.sha256 and file_sha256(weights) != meta.sha256:
         raise ArtifactError(f"{weights} does not match the sha256 recorded in {MODEL_META}: corrupted or replaced")
-    model = build_classifier(meta["backbone"], int(meta["num_classes"]), None, float(meta.get("head_dropout", 0.0)))
+    model = build_classifier(meta.backbone, meta.num_classes, None, meta.head_dropout)
     try:
         model.load_state_dict(load_file(str(weights), device=device))
     except RuntimeError as err:
         raise ArtifactError(
-            f"{weights} does not fit a {meta['backbone']} with {meta['num_classes']} classes: {err}"
+            f"{weights} does not fit a {meta.backbone} with {meta.num_classes} classes: {err}"
         ) from err
     return model.eval(), meta
 
 
-def model_id(meta: dict[str, Any]) -> str:
-    """Short identity of a base model: adapters record it and refuse to load onto any other."""
-    return f"{meta['backbone']}@{meta['sha256'][:12]}"
-
-
-def save_adapter(peft_model: nn.Module, meta: dict[str, Any], out: str | Path) -> Path:
-    """PEFT format (adapter_config.json + adapter_model.safetensors) plus our metadata.json."""
+def save_adapter(peft_model: nn.Module, meta: AdapterMeta, out: str | Path) -> Path:
+    """PEFT format (adapter_config.json + adapter_model.safetensors) plus our metadata.json (its sha256 set here)."""
     out = Path(out)
     with atomic_dir(out) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-        sha = file_sha256(tmp / "adapter_model.safetensors")
-        write_json(
-            tmp / "metadata.json",
-            {"kind": "adapter", "format_version": 1, "created_at": now_iso(), **meta, "sha256": sha},
-        )
+        saved = replace(meta, sha256=file_sha256(tmp / ADAPTER_WEIGHTS), created_at=meta.created_at or now_iso())
+        write_json(tmp / ADAPTER_META, saved.to_dict())
     return out
 
 
-def read_adapter_meta(path: str | Path) -> dict[str, Any]:
+def read_adapter_meta(path: str | Path) -> AdapterMeta:
+    """The metadata of the adapter at `path`, after checking that all of ADAPTER_FILES are there."""
     path = Path(path)
     for name in ADAPTER_FILES:
         if not (path / name).is_file():
             raise ArtifactError(f"adapter {path} has no {name}")
-    return read_json(path / "metadata.json")
+    return AdapterMeta.read(path)
 
 
-def load_adapter_model(adapter: str | Path, base: Classifier, base_meta: dict[str, Any]):
-    """`base` with the adapter at `adapter` applied (a peft.PeftModel in eval mode).
+def load_adapter_model(adapter: str | Path, base: Classifier, base_meta: ModelMeta):
+    """(`base` with the adapter at `adapter` applied, a peft.PeftModel in eval mode; the adapter's metadata).
 
     Refuses an adapter trained on another base model or whose weights file was altered."""
     from models.lora import load_adapter
 
     meta = read_adapter_meta(adapter)
-    if meta.get("base_model") and meta["base_model"] != model_id(base_meta):
-        raise ArtifactError(f"adapter {adapter} was trained on {meta['base_model']}, not on {model_id(base_meta)}")
-    if meta.get("sha256") and file_sha256(Path(adapter) / "adapter_model.safetensors") != meta["sha256"]:
-        raise ArtifactError(f"adapter {adapter}: adapter_model.safetensors does not match its recorded sha256")
-    if int(meta.get("num_classes", base.num_classes)) != base.num_classes:
-        base.reset_head(int(meta["num_classes"]))
+    if meta.base_model != base_meta.model_id:
+        raise ArtifactError(f"adapter {adapter} was trained on {meta.base_model}, not on {base_meta.model_id}")
+    if meta.sha256 and file_sha256(Path(adapter) / ADAPTER_WEIGHTS) != meta.sha256:
+        raise ArtifactError(f"adapter {adapter}: {ADAPTER_WEIGHTS} does not match its recorded sha256")
+    if meta.num_classes != base.num_classes:
+        base.reset_head(meta.num_classes)
     return load_adapter(base, str(adapter)).eval(), meta
 
 
-def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:
-    return Preprocessing.from_dict(meta["preprocessing"])
+# ---------------------------------------------------------------- transitional
+# For the callers not yet moved to the typed fields (monitoring/reference.py, pipelines/cli.py, benchmarks/serve.py
+# pass model.json as read_json's dict or call these); remove with them.
+
+
+def model_id(meta: ModelMeta | Mapping[str, Any]) -> str:
+    """`ModelMeta.model_id`, of a ModelMeta or of model.json's dict."""
+    return (meta if isinstance(meta, ModelMeta) else ModelMeta.from_dict(meta)).model_id
+
+
+def preprocessing_of(meta: ModelMeta | Mapping[str, Any]) -> Preprocessing:
+    """`ModelMeta.preprocessing`, of a ModelMeta or of model.json's dict."""
+    return (meta if isinstance(meta, ModelMeta) else ModelMeta.from_dict(meta)).preprocessing

@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from models import settings
 from models.files import copy_tree_durable, ensure_dir, file_sha256, fsync_dir, hash_tree, write_durable
+from models.metadata import ADAPTER_FILES, ADAPTER_META
 from models.registry_errors import (
     AdapterNotFoundError,
     ChampionDeleteError,
@@ -67,7 +68,7 @@ __all__ = [
     "InvalidVersionError", "RegistryError", "RollbackError", "UnsupportedBackendError",
 ]
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
+REQUIRED_FILES = ADAPTER_FILES
 CRASH_ENV = "ADAPTSERVE_REGISTRY_CRASH_AT"
 # Test-only SIGKILL points (see _crash_point); listed so tests can assert they cover every one.
 CRASH_PHASES = (
@@ -159,11 +160,12 @@ def _validate_staged(src: Path, stage: Path) -> dict[str, Any]:
             )
     _read_json_object(stage / "adapter_config.json", src / "adapter_config.json")
     _check_safetensors(stage / "adapter_model.safetensors", src / "adapter_model.safetensors")
-    return _read_json_object(stage / "metadata.json", src / "metadata.json")
+    return _read_json_object(stage / ADAPTER_META, src / ADAPTER_META)
 
 
 def _merge_metadata(stage: Path, file_meta: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Shallow-merge the argument over metadata.json and write it back, so disk and DB tell the same story."""
+    """Shallow-merge the argument over metadata.json and write it back, so disk and DB tell the same story (an
+    AdapterMeta keeps keys it does not know, so a merged file still loads as one)."""
     if not extra:
         return file_meta
     merged = {**file_meta, **extra}
@@ -171,8 +173,8 @@ def _merge_metadata(stage: Path, file_meta: dict[str, Any], extra: Mapping[str, 
         text = json.dumps(merged, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise InvalidAdapterError(f"metadata argument is not JSON-serializable: {e}") from e
-    os.unlink(stage / "metadata.json")
-    write_durable(stage / "metadata.json", text.encode("utf-8"))
+    os.unlink(stage / ADAPTER_META)
+    write_durable(stage / ADAPTER_META, text.encode("utf-8"))
     return merged
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.metadata import ADAPTER_META, AdapterMeta
 from models.registry_errors import InvalidNameError, InvalidVersionError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -56,6 +57,11 @@ class AdapterVersion:
     sha256: dict[str, str]
     created_at: str
     is_champion: bool
+
+    @property
+    def meta(self) -> AdapterMeta:
+        """`metadata` typed (models/metadata.py); ArtifactError when it lacks a key every adapter has."""
+        return AdapterMeta.from_dict(self.metadata, source=self.path / ADAPTER_META)
 
 
 @dataclass(frozen=True)

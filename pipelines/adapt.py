@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from models.artifacts import (
-    load_adapter_model,
-    load_model,
-    model_id,
-    preprocessing_of,
-    save_adapter,
-    save_model,
-    write_json,
-)
+from models.artifacts import load_adapter_model, load_model, save_adapter, save_model, write_json
 from models.classifier import build_classifier
+from models.metadata import MODEL_META, AdapterMeta, ModelMeta
 from models.preprocessing import Preprocessing, parse_augment
 from models.samples import sample_path, save_image_set
 from models.strategies import AdaptConfig, adapt
@@ -59,7 +51,7 @@ def pretrain(
     size: int = 32,
     augment: str = "light",
     progress=None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, ModelMeta]:
     """Train the embedded source model from scratch on scikit-learn's digits; no download anywhere."""
     cfg = train_cfg or TrainConfig(epochs=6, batch_size=32, patience=3)
     seed_everything(cfg.seed)  # weight init happens before fit(): seed it too, or runs differ
@@ -68,24 +60,27 @@ def pretrain(
     adaptation = adapt(model, AdaptConfig(strategy="scratch"), len(data.classes), keep_head=True)
     result = fit(adaptation, _with(data.train, prep, parse_augment(augment)), _with(data.val, prep), cfg, progress)
     metrics = evaluate(adaptation.model, _with(data.test, prep), data.classes, resolve_device(cfg.device))
-    meta = {
-        "name": Path(out).name,
-        "classes": data.classes,
-        "preprocessing": prep.to_dict(),
-        "head_dropout": 0.0,
-        "strategy": "scratch",
-        "config": {"train": cfg.to_dict(), "augment": augment, "data": "sklearn-digits"},
-        "metrics": {"test": metrics.to_dict()},
-        "data_fingerprint": data.train.fingerprint(),
-        "parent": None,
-        "fit": {"seconds": result.seconds, "best_epoch": result.best_epoch, "history": result.history},
-    }
+    meta = ModelMeta.for_model(
+        adaptation.model,
+        classes=data.classes,
+        preprocessing=prep,
+        name=Path(out).name,
+        strategy="scratch",
+        config={"train": cfg.to_dict(), "augment": augment, "data": "sklearn-digits"},
+        metrics={"test": metrics.to_dict()},
+        data_fingerprint=data.train.fingerprint(),
+        fit=_fit_record(result),
+    )
     path = save_model(adaptation.model.cpu(), meta, out)
     save_image_set(sample_path(path, "reference"), data.val)  # drift reference of the base
     save_image_set(sample_path(path, "replay"), data.train, limit=1000)  # replayed by re-fine-tuning
     save_image_set(sample_path(path, "holdout"), data.test)  # every gate's forgetting check
     save_confusion_png(metrics, data.classes, path / "confusion.png", f"{path.name}: source test")
-    return path, json.loads((path / "model.json").read_text())
+    return path, ModelMeta.read(path)
+
+
+def _fit_record(result: FitResult) -> dict[str, Any]:
+    return {"seconds": result.seconds, "best_epoch": result.best_epoch, "history": result.history}
 
 
 def adapt_model(
@@ -102,9 +97,9 @@ def adapt_model(
     class sets match, on the source test split too (so forgetting is a number); save the artifact."""
     seed_everything(train_cfg.seed)  # the new head and the LoRA matrices are initialised here, before fit()
     base, base_meta = load_model(base_dir)
-    prep = Preprocessing.from_dict(base_meta["preprocessing"])
+    prep = base_meta.preprocessing
     device = resolve_device(train_cfg.device)
-    keep_classes = target.classes == base_meta["classes"]
+    keep_classes = tuple(target.classes) == base_meta.classes
     adaptation = adapt(base, adapt_cfg, len(target.classes))
     result = fit(
         adaptation, _with(target.train, prep, parse_augment(augment)), _with(target.val, prep), train_cfg, progress
@@ -114,30 +109,25 @@ def adapt_model(
     source_metrics = (
         evaluate(model, _with(source.test, prep), source.classes, device) if source and keep_classes else None
     )
-    meta = {
-        "backbone": base_meta["backbone"],
-        "classes": target.classes,
-        "num_classes": len(target.classes),
-        "preprocessing": prep.to_dict(),
-        "head_dropout": adapt_cfg.head_dropout,
+    recipe = {
         "strategy": adapt_cfg.strategy,
+        "head_dropout": adapt_cfg.head_dropout,
         "config": {"adapt": asdict(adapt_cfg), "train": train_cfg.to_dict(), "augment": augment},
         "metrics": {
             "target_test": target_metrics.to_dict(),
             "source_test": source_metrics.to_dict() if source_metrics else None,
         },
         "data_fingerprint": target.train.fingerprint(),
-        "parent": model_id(base_meta),
-        "base_model": model_id(base_meta),
+        "parent": base_meta.model_id,
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
-        "fit": {"seconds": result.seconds, "best_epoch": result.best_epoch, "history": result.history},
+        "fit": _fit_record(result),
     }
     out = Path(out)
     if adapt_cfg.strategy == "lora":
-        save_adapter(model.cpu(), meta, out)
+        save_adapter(model.cpu(), AdapterMeta.for_base(base_meta, classes=target.classes, **recipe), out)
     else:
-        save_model(model.cpu(), {k: v for k, v in meta.items() if k not in ("num_classes", "base_model")}, out)
+        save_model(model.cpu(), ModelMeta.for_model(model, classes=target.classes, preprocessing=prep, **recipe), out)
     reference = ImageSet(target.train.images + target.val.images, target.train.labels + target.val.labels,
                          target.classes)
     save_image_set(sample_path(out, "reference"), reference, limit=500)  # publish() builds the drift reference
@@ -151,13 +141,14 @@ def adapt_model(
 
 
 def load_for_inference(path: str | Path, base_dir: str | Path | None = None):
-    """(model in eval mode, its metadata, its preprocessing) for a model dir or an adapter dir."""
+    """(model in eval mode, its ModelMeta or AdapterMeta, the preprocessing it serves with) for a model dir or an
+    adapter dir; an adapter serves with its base model's preprocessing."""
     path = Path(path)
-    if (path / "model.json").exists():
+    if (path / MODEL_META).exists():
         model, meta = load_model(path)
-        return model, meta, preprocessing_of(meta)
+        return model, meta, meta.preprocessing
     if base_dir is None:
         raise ValueError(f"{path} is an adapter: give the base model it was trained on")
     base, base_meta = load_model(base_dir)
     model, meta = load_adapter_model(path, base, base_meta)
-    return model, meta, preprocessing_of(meta)
+    return model, meta, base_meta.preprocessing

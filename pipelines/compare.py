@@ -59,12 +59,12 @@ def run_compare(
 
 def no_adaptation_row(base_dir: Path, target: DataSplits, source: DataSplits | None) -> dict:
     """The source model as it is, on the target: how much the domain shift costs before any adaptation."""
-    from models.artifacts import load_model, preprocessing_of
+    from models.artifacts import load_model
     from pipelines.evaluate import evaluate
 
     model, meta = load_model(base_dir)
-    prep = preprocessing_of(meta)
-    same = target.classes == meta["classes"]
+    prep = meta.preprocessing
+    same = tuple(target.classes) == meta.classes
     tgt = evaluate(model, target.test.with_transform(prep.eval_transform()), target.classes) if same else None
     src = evaluate(model, source.test.with_transform(prep.eval_transform()), source.classes) if source else None
     total = sum(p.numel() for p in model.parameters())

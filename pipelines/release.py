@@ -13,38 +13,32 @@ import copy
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from models import settings
 from models.archive import ArchiveLimits, extract
-from models.artifacts import (
-    ArtifactError,
-    load_adapter_model,
-    load_model,
-    model_id,
-    preprocessing_of,
-    read_adapter_meta,
-)
+from models.artifacts import ArtifactError, load_adapter_model, load_model, read_adapter_meta, save_adapter
 from models.export import ONNX_FILE, export_onnx, merged_classifier
+from models.metadata import AdapterMeta, ModelMeta
 from models.quantize import INT8_FILE, INT8_REPORT, QuantizeError, build_int8, labelled_arrays
 from models.registry import AdapterRegistry, AdapterVersion
+from models.strategies import AdaptConfig, adapt
 from monitoring.reference import REFERENCE_FILE, write_reference
 
 log = logging.getLogger(__name__)
 
 
-def check_fits(adapter_dir: Path, base_meta: dict[str, Any]) -> dict[str, Any]:
+def check_fits(adapter_dir: Path, base_meta: ModelMeta) -> AdapterMeta:
     """The adapter's metadata must name this base and its class list."""
     meta = read_adapter_meta(adapter_dir)
-    if meta.get("base_model") != model_id(base_meta):
+    if meta.base_model != base_meta.model_id:
         raise ArtifactError(
-            f"adapter was trained on base {meta.get('base_model')!r}, this service serves {model_id(base_meta)!r}"
+            f"adapter was trained on base {meta.base_model!r}, this service serves {base_meta.model_id!r}"
         )
-    if meta.get("classes") != base_meta["classes"]:
+    if meta.classes != base_meta.classes:
         raise ArtifactError(
-            f"adapter classes {meta.get('classes')} differ from the base model's {base_meta['classes']}"
+            f"adapter classes {list(meta.classes)} differ from the base model's {list(base_meta.classes)}"
         )
     return meta
 
@@ -55,11 +49,11 @@ def wants_int8() -> bool:
     return settings.load().engine == "onnx-int8"
 
 
-def prebuild_int8(staged: Path, base_dir: Path, base_meta: dict[str, Any]) -> None:
+def prebuild_int8(staged: Path, base_dir: Path, base_meta: ModelMeta) -> None:
     """model.int8.onnx + int8.json beside model.onnx, so that a worker running onnx-int8 only opens a session when
     this version is promoted. Without labelled samples there is nothing to calibrate on: the worker serves fp32."""
     try:
-        data = labelled_arrays([staged, Path(base_dir)], preprocessing_of(base_meta))
+        data = labelled_arrays([staged, Path(base_dir)], base_meta.preprocessing)
     except QuantizeError as err:
         log.warning("%s: no int8 model: %s", staged, err)
         return
@@ -84,12 +78,12 @@ def publish(
         shutil.copytree(src, staged)
         model, _ = load_adapter_model(staged, copy.deepcopy(base), base_meta)
         merged = merged_classifier(model)  # merged once for both the ONNX file and the reference
-        export_onnx(merged, staged / ONNX_FILE, int(base_meta["preprocessing"]["crop_size"]))
+        export_onnx(merged, staged / ONNX_FILE, base_meta.preprocessing.crop_size)
         for stale in (REFERENCE_FILE, INT8_FILE, INT8_REPORT):  # never register a stale copy from src
             (staged / stale).unlink(missing_ok=True)
         if wants_int8() if int8 is None else int8:
             prebuild_int8(staged, Path(base_dir), base_meta)
-        write_reference(merged, [staged, Path(base_dir)], preprocessing_of(base_meta), staged / REFERENCE_FILE)
+        write_reference(merged, [staged, Path(base_dir)], base_meta.preprocessing, staged / REFERENCE_FILE)
         version = registry.register(name, staged)  # after the reference: its sha256 is recorded with the rest
     if promote:
         registry.promote(name, version.version)
@@ -109,10 +103,6 @@ def make_random_adapter(base_dir: Path, out: Path, seed: int, targets: str = "al
     peft initialises LoRA's B matrices to zero, which would make every adapter equal to its base; these get
     small random values so different adapters (and versions) really give different outputs.
     """
-
-    from models.artifacts import save_adapter
-    from models.strategies import AdaptConfig, adapt
-
     torch.manual_seed(seed)
     base, base_meta = load_model(base_dir)
     adaptation = adapt(base, AdaptConfig(strategy="lora", lora_targets=targets), base.num_classes)
@@ -120,16 +110,5 @@ def make_random_adapter(base_dir: Path, out: Path, seed: int, targets: str = "al
         for name, p in adaptation.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, scale)
-    meta = {
-        "backbone": base_meta["backbone"],
-        "classes": base_meta["classes"],
-        "num_classes": len(base_meta["classes"]),
-        "preprocessing": base_meta["preprocessing"],
-        "strategy": "lora",
-        "config": {"random": True, "seed": seed},
-        "metrics": {},
-        "data_fingerprint": None,
-        "parent": model_id(base_meta),
-        "base_model": model_id(base_meta),
-    }
+    meta = AdapterMeta.for_base(base_meta, config={"random": True, "seed": seed})
     return save_adapter(adaptation.model, meta, out)

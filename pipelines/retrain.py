@@ -41,7 +41,8 @@ import numpy as np
 from torch import nn
 
 from models import settings
-from models.artifacts import load_adapter_model, load_model, model_id, preprocessing_of, save_adapter
+from models.artifacts import load_adapter_model, load_model, save_adapter
+from models.metadata import AdapterMeta, ModelMeta
 from models.registry import AdapterNotFoundError, AdapterVersion, open_registry
 from models.samples import find_samples, load_samples, sample_path, save_image_set
 from models.strategies import LORA_TARGETS, Adaptation, AdaptConfig, adapt
@@ -344,28 +345,13 @@ def _load_labels(home: Path, adapter: str, classes: list[str], cfg: RetrainConfi
     )
 
 
-def _adapter_meta(base_meta: dict, cfg: RetrainConfig, champion: AdapterVersion | None, extra: dict) -> dict:
-    return {
-        "backbone": base_meta["backbone"],
-        "classes": base_meta["classes"],
-        "num_classes": len(base_meta["classes"]),
-        "preprocessing": base_meta["preprocessing"],
-        "head_dropout": 0.0,
-        "strategy": "lora",
-        "base_model": model_id(base_meta),
-        "parent": f"{champion.name}@v{champion.version}" if champion else model_id(base_meta),
-        "config": {"retrain": cfg.to_dict()},
-        **extra,
-    }
-
-
 @dataclass
 class _Inputs:
     """Everything a job reads before it trains."""
 
     base_dir: Path
     base: nn.Module
-    base_meta: dict[str, Any]
+    base_meta: ModelMeta
     champion: AdapterVersion | None
     labels_train: ImageSet
     labels_holdout: ImageSet
@@ -374,22 +360,26 @@ class _Inputs:
 
     @property
     def prep(self):
-        return preprocessing_of(self.base_meta)
+        return self.base_meta.preprocessing
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.base_meta.classes)
 
 
 def _prepare(registry, home: Path, adapter: str, base_dir: Path, cfg: RetrainConfig) -> _Inputs:
     base, base_meta = load_model(base_dir)
-    classes = base_meta["classes"]
+    classes = list(base_meta.classes)
     labels = _load_labels(home, adapter, classes, cfg)
     source_holdout = _load_samples(base_dir, "holdout", classes)
     champion = _champion(registry, adapter)
     if champion is not None:
         registry.load_check(adapter, champion.version)  # refuse a corrupted champion before training on it
-        trained_on = champion.metadata.get("base_model")
-        if trained_on != model_id(base_meta):
+        trained_on = champion.meta.base_model
+        if trained_on != base_meta.model_id:
             raise RetrainError(
                 f"champion v{champion.version} of {adapter!r} was trained on base {trained_on}, not on "
-                f"{model_id(base_meta)} at {base_dir}: give the job the base model the adapter serves on"
+                f"{base_meta.model_id} at {base_dir}: give the job the base model the adapter serves on"
             )
     return _Inputs(base_dir, base, base_meta, champion, labels.train, labels.holdout, source_holdout, labels.counts())
 
@@ -403,7 +393,7 @@ def _train(job: _Inputs, cfg: RetrainConfig, progress: Progress | None, deadline
     fit_train, fit_val = split_labels(job.labels_train, cfg.val_fraction, cfg.seed)
     n_replay = 0
     if cfg.replay_ratio > 0:
-        pool = _load_samples(job.base_dir, "replay", job.base_meta["classes"])
+        pool = _load_samples(job.base_dir, "replay", job.classes)
         wanted = (int(round(cfg.replay_ratio * len(fit_train))), int(round(cfg.replay_ratio * len(fit_val))))
         replay_train, replay_val = replay_sample(pool, *wanted, cfg.seed)
         fit_train, fit_val, n_replay = _join(fit_train, replay_train), _join(fit_val, replay_val), len(replay_train)
@@ -432,7 +422,7 @@ def _train(job: _Inputs, cfg: RetrainConfig, progress: Progress | None, deadline
 
 def _compare(job: _Inputs, challenger: nn.Module, cfg: RetrainConfig) -> dict[str, Metrics]:
     """Champion (or the base, for a new adapter) and challenger on the target and the source holdouts."""
-    device, classes, prep = resolve_device(cfg.device), job.base_meta["classes"], job.prep
+    device, classes, prep = resolve_device(cfg.device), job.classes, job.prep
     if job.champion is None:
         champion = job.base
     else:
@@ -454,18 +444,16 @@ def _publish(
     """Save the challenger as a PEFT adapter with its reference samples, then publish + promote (a hot swap)."""
     from pipelines.release import publish
 
-    meta = _adapter_meta(
+    meta = AdapterMeta.for_base(
         job.base_meta,
-        cfg,
-        job.champion,
-        {
-            "metrics": {
-                "target_test": metrics["challenger_target"].to_dict(),  # the adapters CLI lists target_test accuracy
-                "source_test": metrics["challenger_source"].to_dict(),
-                "gate": numbers,
-            },
-            "data_fingerprint": job.labels_train.fingerprint(),
+        parent=f"{job.champion.name}@v{job.champion.version}" if job.champion else None,  # None: the base
+        config={"retrain": cfg.to_dict()},
+        metrics={
+            "target_test": metrics["challenger_target"].to_dict(),  # the adapters CLI lists target_test accuracy
+            "source_test": metrics["challenger_source"].to_dict(),
+            "gate": numbers,
         },
+        data_fingerprint=job.labels_train.fingerprint(),
     )
     with tempfile.TemporaryDirectory(prefix="adaptserve-retrain-") as tmp:
         out = save_adapter(challenger.cpu(), meta, Path(tmp) / "adapter")

@@ -21,7 +21,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import settings
-from models.registry import MAX_VERSION, NAME_PATTERN
+from models.metadata import BASE, AdapterMeta
+from models.registry import MAX_VERSION, NAME_PATTERN, AdapterVersion
 from service import errors
 from service.auth import Authenticator, Principal
 from service.http import BodyLimitMiddleware, ReadinessMiddleware
@@ -179,16 +180,7 @@ class AdaptServe:
         self._require(authorization, "client", "reading adapters")
         out = []
         for info in self.rt.registry.list_adapters():
-            versions = [
-                {
-                    "version": v.version,
-                    "created_at": v.created_at,
-                    "champion": v.is_champion,
-                    "metrics": _summary(v.metadata),
-                    "strategy": v.metadata.get("strategy"),
-                }
-                for v in info.versions
-            ]
+            versions = [_version_row(v) for v in info.versions]
             degraded = self.rt.degraded.get(info.name)
             out.append(
                 {
@@ -204,7 +196,7 @@ class AdaptServe:
         return {
             "base_model": self.rt.base_id,
             "engine": self.rt.engine.name,
-            "base_precision": self.rt.served("base", 0),
+            "base_precision": self.rt.served(*BASE),
             "adapters": out,
         }
 
@@ -421,11 +413,22 @@ AdaptServe.add_asgi_middleware(BodyLimitMiddleware)
 AdaptServe.add_asgi_middleware(ReadinessMiddleware)
 
 
-def _summary(meta: dict) -> dict | None:
-    metrics = (meta.get("metrics") or {}).get("target_test")
-    if not metrics:
+def _version_row(v: AdapterVersion) -> dict:
+    meta = v.meta
+    return {
+        "version": v.version,
+        "created_at": v.created_at,
+        "champion": v.is_champion,
+        "metrics": _summary(meta),
+        "strategy": meta.strategy,
+    }
+
+
+def _summary(meta: AdapterMeta) -> dict | None:
+    scores = meta.scores("target_test")
+    if not scores:
         return None
-    return {k: metrics.get(k) for k in ("accuracy", "precision", "recall", "f1", "n")}
+    return {k: scores.get(k) for k in ("accuracy", "precision", "recall", "f1", "n")}
 
 
 def _jsonable(value: Any) -> Any:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.artifacts import file_sha256, load_adapter_model, model_id, preprocessing_of, read_adapter_meta
+from models.artifacts import file_sha256, load_adapter_model, read_adapter_meta
 from models.classifier import Classifier
 from models.export import ONNX_FILE, export_onnx, onnx_providers
+from models.metadata import BASE, ModelMeta
 from models.quantize import (
     DEFAULT_MAX_DROP,
     INT8_FILE,
@@ -45,17 +46,16 @@ from models.quantize import (
 
 log = logging.getLogger("adaptserve")
 
-Key = tuple[str, int]
-BASE: Key = ("base", 0)
+Key = tuple[str, int]  # (adapter name, version); BASE (models/metadata.py) is the base model itself
 
 
 class Engine(ABC):
     name: str = "engine"
 
-    def __init__(self, base: Classifier, base_meta: dict[str, Any], max_loaded: int = 32) -> None:
+    def __init__(self, base: Classifier, base_meta: ModelMeta, max_loaded: int = 32) -> None:
         self.base = base.eval()
         self.base_meta = base_meta
-        self.size = int(base_meta["preprocessing"]["crop_size"])
+        self.size = base_meta.preprocessing.crop_size
         self.max_loaded = max_loaded
         self.evictions = 0
         self._lock = threading.RLock()
@@ -97,7 +97,7 @@ class OnnxEngine(Engine):
     def __init__(
         self,
         base: Classifier,
-        base_meta: dict[str, Any],
+        base_meta: ModelMeta,
         cache_dir: Path,
         max_loaded: int = 32,
         threads: int = 0,
@@ -121,7 +121,7 @@ class OnnxEngine(Engine):
         self._sessions[BASE] = self._build(BASE, None)
 
     def _cache(self) -> Path:
-        return self.cache_dir / model_id(self.base_meta).replace("@", "-")
+        return self.cache_dir / self.base_meta.model_id.replace("@", "-")
 
     def _build(self, key: Key, adapter_dir: Path | None):
         path = adapter_dir / ONNX_FILE if adapter_dir is not None else None
@@ -149,7 +149,7 @@ class OnnxEngine(Engine):
             q, report_path = self._cache() / f"{stem}.int8.onnx", self._cache() / f"{stem}.int8.json"
             if not (q.is_file() and report_path.is_file()):
                 try:
-                    data = labelled_arrays([adapter_dir, self.base_dir], preprocessing_of(self.base_meta))
+                    data = labelled_arrays([adapter_dir, self.base_dir], self.base_meta.preprocessing)
                     build_int8(fp32, q, data, report_path)
                 except QuantizeError as err:
                     return fp32, {"precision": "fp32", "reason": f"int8 not possible: {err}"}
@@ -235,7 +235,7 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(
-        self, base: Classifier, base_meta: dict[str, Any], max_loaded: int = 32, device: str | None = None
+        self, base: Classifier, base_meta: ModelMeta, max_loaded: int = 32, device: str | None = None
     ) -> None:
         super().__init__(base, base_meta, max_loaded)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

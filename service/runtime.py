@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.artifacts import load_model, model_id, preprocessing_of
+from models.artifacts import load_model
+from models.classifier import Classifier
 from models.export import softmax
+from models.metadata import BASE, BASE_NAME, ModelMeta
 from models.registry import AdapterNotFoundError, CorruptAdapterError, RegistryError, open_registry
 from service import metrics
 from service.config import ServiceConfig
-from service.engine import BASE, Engine, Key, OnnxEngine, TorchEngine
+from service.engine import Engine, Key, OnnxEngine, TorchEngine
 from service.errors import ConflictError, OverloadedError, UnknownAdapterError
 
 log = logging.getLogger("adaptserve")
@@ -61,7 +63,7 @@ class Swap:
     seconds: float
 
 
-def make_engine(cfg: ServiceConfig, base, base_meta) -> Engine:
+def make_engine(cfg: ServiceConfig, base: Classifier, base_meta: ModelMeta) -> Engine:
     if cfg.engine == "torch":
         return TorchEngine(base, base_meta, cfg.max_loaded)
     precision = "int8" if cfg.engine == "onnx-int8" else "fp32"
@@ -84,9 +86,9 @@ class Runtime:
             torch.set_num_threads(cfg.threads)
         self.registry = open_registry(cfg.home)
         base, self.base_meta = load_model(cfg.base_model)
-        self.base_id = model_id(self.base_meta)
-        self.classes: list[str] = list(self.base_meta["classes"])
-        self.transform = preprocessing_of(self.base_meta).eval_transform()
+        self.base_id = self.base_meta.model_id
+        self.classes: list[str] = list(self.base_meta.classes)
+        self.transform = self.base_meta.preprocessing.eval_transform()
         self.engine = make_engine(cfg, base, self.base_meta)
         self.champions: dict[str, int] = {}
         self.generation = -1
@@ -235,7 +237,7 @@ class Runtime:
         return getattr(self.engine, "served", {}).get((name, version))
 
     def resolve(self, adapter: str | None) -> Key:
-        if adapter is None or adapter == "base":
+        if adapter is None or adapter == BASE_NAME:
             return BASE
         version = self.champions.get(adapter)
         if version is None:
@@ -254,7 +256,7 @@ class Runtime:
             names = []
         if adapter in names:
             return f"adapter {adapter!r} has no champion yet; promote a version first"
-        known = ", ".join(["base", *sorted(self.champions)])
+        known = ", ".join([BASE_NAME, *sorted(self.champions)])
         return f"unknown adapter {adapter!r}; serving: {known}"
 
     # --- inference -------------------------------------------------------------------------

@@ -24,13 +24,14 @@ def _iso(value: Any) -> str | None:
 def _versions(info) -> list[dict]:
     out = []
     for v in info.versions:
-        target = (v.metadata.get("metrics") or {}).get("target_test") or {}
+        meta = v.meta
+        target = meta.scores("target_test")
         out.append(
             {
                 "version": v.version,
                 "champion": v.version == info.champion,
                 "created_at": v.created_at,
-                "strategy": v.metadata.get("strategy"),
+                "strategy": meta.strategy,
                 "metrics": {k: target[k] for k in ("accuracy", "f1") if k in target},
             }
         )

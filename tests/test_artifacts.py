@@ -4,15 +4,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.artifacts import ArtifactError, atomic_dir, load_adapter_model, load_model, model_id, save_model
+from models.artifacts import ArtifactError, atomic_dir, load_adapter_model, load_model, save_model
 from models.classifier import build_classifier
+from models.metadata import ModelMeta
 from models.preprocessing import Preprocessing
 
 
 def _saved(tmp_path: Path, seed: int = 0, name: str = "m") -> Path:
     torch.manual_seed(seed)
     model = build_classifier("resnet18", 3).eval()
-    meta = {"classes": ["a", "b", "c"], "preprocessing": Preprocessing.for_size(32).to_dict()}
+    meta = ModelMeta.for_model(model, classes=["a", "b", "c"], preprocessing=Preprocessing.for_size(32))
     return save_model(model, meta, tmp_path / name)
 
 
@@ -23,7 +24,7 @@ def test_model_round_trip_is_exact(tmp_path: Path) -> None:
     again = build_classifier("resnet18", 3).eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), again(x))
-    assert meta["backbone"] == "resnet18" and meta["num_classes"] == 3 and meta["kind"] == "model"
+    assert meta.backbone == "resnet18" and meta.num_classes == 3 and meta.kind == "model"
     assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.safetensors"]
 
 
@@ -64,9 +65,10 @@ def test_adapter_refuses_another_base(tmp_path: Path) -> None:
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    (adapter / "metadata.json").write_text(json.dumps({"base_model": "resnet18@000000000000"}))
+    meta = {"base_model": "resnet18@000000000000", "classes": ["a", "b", "c"]}
+    (adapter / "metadata.json").write_text(json.dumps(meta))
     base, base_meta = load_model(_saved(tmp_path))
-    with pytest.raises(ArtifactError, match=f"was trained on resnet18@000000000000, not on {model_id(base_meta)}"):
+    with pytest.raises(ArtifactError, match=f"was trained on resnet18@000000000000, not on {base_meta.model_id}"):
         load_adapter_model(adapter, base, base_meta)
 
 
@@ -75,3 +77,11 @@ def test_adapter_missing_a_file_is_refused(tmp_path: Path) -> None:
     base, base_meta = load_model(_saved(tmp_path))
     with pytest.raises(ArtifactError, match="has no adapter_config.json"):
         load_adapter_model(tmp_path / "adapter", base, base_meta)
+
+
+def test_saved_model_json_keeps_its_keys_and_loads_typed(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    on_disk = json.loads((path / "model.json").read_text())
+    _, meta = load_model(path)
+    assert meta.to_dict() == on_disk and meta.model_id == f"resnet18@{on_disk['sha256'][:12]}"
+    assert on_disk["kind"] == "model" and on_disk["format_version"] == 1 and on_disk["created_at"]

@@ -9,8 +9,9 @@ import torch
 
 from models.artifacts import load_model
 from models.export import ExportError, export_onnx, session, verify
+from models.metadata import BASE
 from models.registry import open_registry
-from service.engine import BASE, OnnxEngine, TorchEngine
+from service.engine import OnnxEngine, TorchEngine
 
 
 def _engines(source_model: Path, home: Path, max_loaded: int = 8):

@@ -8,7 +8,6 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from models.artifacts import load_model, read_json
-from models.preprocessing import Preprocessing
 from pipelines.cli import app
 from pipelines.compare import CompareConfig, default_target
 from pipelines.data import digits_splits
@@ -58,7 +57,7 @@ def test_peft_from_pretrained_reproduces_logged_metrics(source_model: Path, lora
     model = PeftModel.from_pretrained(base, str(lora_run)).eval()
     meta = json.loads((lora_run / "metadata.json").read_text())
     target, source = default_target(CompareConfig())
-    prep = Preprocessing.from_dict(base_meta["preprocessing"])
+    prep = base_meta.preprocessing
     got = evaluate(model, target.test.with_transform(prep.eval_transform()), target.classes)
     logged = meta["metrics"]["target_test"]
     assert got.accuracy == logged["accuracy"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.artifacts import load_model, preprocessing_of
+from models.artifacts import load_model
 from models.export import session
 from models.registry import open_registry
 from models.samples import load_samples, sample_path, save_samples
@@ -21,7 +21,7 @@ from pipelines.release import make_random_adapter, publish
 def _onnx_outputs(onnx: Path, images: list, base_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    transform = preprocessing_of(load_model(base_dir)[1]).eval_transform()
+    transform = load_model(base_dir)[1].preprocessing.eval_transform()
     x = torch.stack([transform(im) for im in images]).numpy()
     logits, emb = session(onnx).run(None, {"input": x})
     return logits, emb

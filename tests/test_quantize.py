@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.artifacts import load_model, preprocessing_of
+from models.artifacts import load_model
+from models.metadata import BASE
 from models.quantize import (
     CALIBRATION_IMAGES,
     INT8_FILE,
@@ -22,12 +23,12 @@ from models.quantize import (
 from models.registry import open_registry
 from models.samples import load_samples, sample_path, save_samples
 from pipelines.release import make_random_adapter, publish
-from service.engine import BASE, OnnxEngine
+from service.engine import OnnxEngine
 
 
 def _holdout(source_model: Path) -> tuple[np.ndarray, np.ndarray]:
     _, meta = load_model(source_model)
-    x = labelled_arrays([source_model], preprocessing_of(meta))
+    x = labelled_arrays([source_model], meta.preprocessing)
     return x.eval_x, x.eval_y
 
 
@@ -84,7 +85,7 @@ def test_without_labelled_samples_the_engine_serves_fp32_and_says_why(
     logits, _ = engine.run(np.zeros((1, 3, 32, 32), np.float32), [("site-a", 1)])
     assert logits.shape == (1, 10)
     with pytest.raises(QuantizeError, match="no labelled samples"):
-        labelled_arrays([registry.path("site-a", 1)], preprocessing_of(load_model(source_model)[1]))
+        labelled_arrays([registry.path("site-a", 1)], load_model(source_model)[1].preprocessing)
 
 
 def test_publish_prebuilds_the_int8_model_so_a_swap_only_opens_it(
@@ -113,7 +114,7 @@ def test_calibration_and_measurement_use_different_images(source_model: Path, tm
     images, labels, classes = load_samples(sample_path(source_model, "holdout"))
     only = tmp_path / "m"
     save_samples(sample_path(only, "holdout"), images[:100], labels[:100], classes)
-    prep = preprocessing_of(load_model(source_model)[1])
+    prep = load_model(source_model)[1].preprocessing
     data = labelled_arrays([only], prep)
     assert len(data.calibration) == CALIBRATION_IMAGES and len(data.eval_x) == 100 - CALIBRATION_IMAGES
     flat = {row.tobytes() for row in data.calibration}
