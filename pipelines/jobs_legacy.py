@@ -89,7 +89,8 @@ def _copy_jobs(conn: Connection, rows: list[dict[str, Any]], source: Path, host:
         if row["id"] in present:
             continue
         seq += 1
-        record = {name: row.get(name) for name in _JOB_FIELDS} | {"seq": seq}
+        # every record has the same keys: an executemany insert takes its columns from the first one
+        record = {name: row.get(name) for name in _JOB_FIELDS} | {"seq": seq, "runner_host": None, "runner_home": None}
         for name, empty in (("reason", ""), ("progress", 0.0), ("message", ""), ("log", "")):
             record[name] = empty if record[name] is None else record[name]
         if record["state"] in ACTIVE_STATES and record["adapter"] in active:
