@@ -130,6 +130,9 @@ class Settings(BaseSettings):
         "add`) or `any` (open feedback too: a poisoned stream then grades its own challenger)", "retrain")
     retrain_time_budget_s: float = _knob(120.0, "a job's training stops at its best epoch once this many seconds "
                                          "have passed", "retrain", gt=0)
+    job_lease_s: float = _knob(30.0, "a runner's hold on the job it runs lasts this long unless renewed (it renews "
+                               "every third of it); a job whose runner was killed ends failed once it runs out, seen "
+                               "by any runner on the same database", "retrain", ge=1)
 
 
 # The same fields on a plain pydantic model: validates a given mapping without looking at os.environ.

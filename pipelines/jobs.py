@@ -1,20 +1,32 @@
-"""The retrain job queue and history: ``<home>/jobs.db`` and the `Job` records it holds.
+"""The retrain job queue and history, in the state database (`models.state`), and the `Job` records it holds.
 
-The service and the CLI only *submit* (`JobStore.submit`, a small SQLite write with no torch import), so serving
-workers never train and predictions keep their latency; the job runner (`pipelines.runner`) claims queued jobs,
-and the job process reports progress, log lines and the outcome back through this store.
+The service and the CLI only *submit* (`JobStore.submit`, a small write with no torch import), so serving workers
+never train and predictions keep their latency; job runners (`pipelines.runner`: one per home, any number of homes
+on one database) claim queued jobs, and the job process reports progress, log lines and the outcome back through
+this store.
 
 Invariants:
 
-* every state change is one SQLite transaction (WAL; synchronous=FULL for state changes, NORMAL for progress and
-  log lines, which is still safe against kill -9 and only risks the last progress lines on power loss);
-* at most one queued-or-running job per adapter (a partial UNIQUE index, so the database refuses it too);
+* every state change is one transaction (`models.db.Database.write`): durable for state changes, durable=False for
+  progress, log lines and lease renewals, which is still safe against kill -9 and only risks the last of them on
+  power loss;
+* at most one queued-or-running job per adapter (a partial unique index, so the database refuses it too);
+* a claim is exclusive: on PostgreSQL `claim_next` takes the oldest queued row with SELECT ... FOR UPDATE SKIP
+  LOCKED, so runners claiming at once neither wait for one another nor get the same job; on SQLite every write is
+  serialized, which is enough;
+* a running job stays its runner's while the runner renews its lease (`heartbeat`, every third of
+  ADAPTSERVE_JOB_LEASE_S). A job whose runner died ends **failed**, never retried (resubmit to retry; a job that
+  killed its runner, e.g. out of memory, would kill the next one too), and the champion is unchanged:
+  at once (ORPHAN_ERROR) when its runner ran on this host and its pid is gone, or when the next runner of the same
+  home takes that home's runner lock (`fail_orphans`); otherwise by any runner once the lease has run out
+  (LEASE_ERROR: `claim_next` resolves expired leases before it claims);
 * a job ends once: `finish` only moves a queued or running job, so a late result never overwrites an orphan's
   failure;
 * the log keeps its last LOG_MAX_CHARS characters (the tail is where the error is).
 
-`JobsDatabase` is the connection handling both stores of jobs.db share (`JobStore` here, `ScheduleStore` in
-`pipelines.schedules`).
+`JobsDatabase` is what both stores of jobs share (`JobStore` here, `ScheduleStore` in `pipelines.schedules`): the
+state database of a home, the one-time import of a legacy `<home>/jobs.db` (`pipelines.jobs_legacy`) and the check
+that an adapter exists.
 """
 
 from __future__ import annotations
@@ -23,58 +35,36 @@ import json
 import logging
 import math
 import os
-import sqlite3
+import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import ColumnElement
+
+from models import settings
+from models.db import Database
 from models.registry import open_registry
-from models.sqlite import connect, init_db, transaction
+from models.state import open_state
+from pipelines.jobs_legacy import import_legacy
+from pipelines.jobs_tables import ACTIVE_STATES, END_STATES, JOBS_LOCK, STATES, TRIGGERS, jobs
 
 log = logging.getLogger("adaptserve.jobs")
 
-DB_FILE = "jobs.db"
-TRIGGERS = ("manual", "schedule", "drift")
-STATES = ("queued", "running", "succeeded", "rejected", "failed")
-ACTIVE_STATES = ("queued", "running")
-END_STATES = ("succeeded", "rejected", "failed")
 LOG_MAX_CHARS = 32_000
 CHAMPION_KEPT = "; the champion was not changed"
 ORPHAN_ERROR = f"job runner died (killed or crashed) while this job ran{CHAMPION_KEPT}"
+LEASE_ERROR = (f"job runner stopped renewing its lease (killed, crashed or cut off from the database) while this job "
+               f"ran{CHAMPION_KEPT}")
+HOST = socket.gethostname()  # runners on one host share one pid namespace: a pid is checked only where it ran
 _FINISH_MESSAGES = {"succeeded": "challenger promoted", "rejected": "challenger rejected; champion kept"}
 _MAX_LISTED = 20
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    adapter TEXT NOT NULL,
-    trigger TEXT NOT NULL CHECK (trigger IN ('manual', 'schedule', 'drift')),
-    reason TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'rejected', 'failed')),
-    progress REAL NOT NULL DEFAULT 0,
-    message TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    result TEXT,
-    error TEXT,
-    log TEXT NOT NULL DEFAULT '',
-    runner_pid INTEGER,
-    runner_id TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active_per_adapter ON jobs (adapter) WHERE state IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS jobs_by_adapter ON jobs (adapter, created_at);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at)
-"""
-_JOB_COLUMNS = (
-    "id, adapter, trigger, reason, state, progress, message, created_at, started_at, finished_at, result, error, log, "
-    "runner_pid, runner_id"
-)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -165,7 +155,10 @@ def _log_line(text: str) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """One retrain job; a snapshot as of the read that produced it. Times are epoch seconds (UTC)."""
+    """One retrain job; a snapshot as of the read that produced it. Times are epoch seconds (UTC).
+
+    `lease_until` (running jobs: until when the claiming runner's lease holds) is not part of equality: heartbeats
+    move it every few seconds while the job itself stays the same."""
 
     id: str
     adapter: str
@@ -182,6 +175,7 @@ class Job:
     log: str
     runner_pid: int | None
     runner_id: str | None = None
+    lease_until: float | None = field(default=None, compare=False)
 
     @property
     def active(self) -> bool:
@@ -214,7 +208,14 @@ class Job:
         return out
 
 
-def _job(row: tuple[Any, ...]) -> Job:
+_JOB_COLUMNS = (
+    jobs.c.id, jobs.c.adapter, jobs.c.trigger, jobs.c.reason, jobs.c.state, jobs.c.progress, jobs.c.message,
+    jobs.c.created_at, jobs.c.started_at, jobs.c.finished_at, jobs.c.result, jobs.c.error, jobs.c.log,
+    jobs.c.runner_pid, jobs.c.runner_id, jobs.c.lease_until,
+)
+
+
+def _job(row: Row[Any]) -> Job:
     values = list(row)
     values[10] = None if values[10] is None else json.loads(values[10])
     return Job(*values)
@@ -227,30 +228,15 @@ KnownAdapters = Iterable[str] | Callable[[], Iterable[str]] | None
 
 
 class JobsDatabase:
-    """``<home>/jobs.db`` (WAL); a fresh connection per operation, so safe across threads and
-    processes; writes use BEGIN IMMEDIATE so concurrent writers queue instead of failing on lock upgrade.
+    """The state database of a home (`models.state.open_state`: ADAPTSERVE_DATABASE_URL, else <home>/state.db),
+    shared by the job and schedule stores; its pooled connections are safe across threads, and every process opens
+    its own. Opening imports a legacy `<home>/jobs.db` once."""
 
-    Each store of jobs.db declares its own tables in `_schema`, created when it opens the file."""
-
-    _schema: ClassVar[str]
-
-    def __init__(self, home: str | Path, *, known_adapters: KnownAdapters = None, timeout: float = 30.0) -> None:
+    def __init__(self, home: str | Path, *, known_adapters: KnownAdapters = None) -> None:
         self.home = Path(home).expanduser().absolute()
-        self.db_path = self.home / DB_FILE
         self._known = known_adapters
-        self._timeout = timeout
-        init_db(self.db_path, self._schema, timeout)
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with closing(connect(self.db_path, self._timeout)) as conn:
-            yield conn
-
-    @contextmanager
-    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """durable=False for progress and heartbeats: FULL fsyncs every commit (~40 ms on a slow disk)."""
-        with closing(connect(self.db_path, self._timeout, durable)) as conn, transaction(conn):
-            yield conn
+        self.database: Database = open_state(self.home)
+        import_legacy(self.database, self.home, HOST)
 
     def known_adapters(self) -> set[str]:
         """Adapter names jobs may target: the injected set, else every adapter in the registry at this home."""
@@ -268,42 +254,59 @@ class JobsDatabase:
 
 
 class JobStore(JobsDatabase):
-    """The job queue and history; what HTTP routes and the CLI read and submit to."""
-
-    _schema = _SCHEMA
+    """The job queue and history; what HTTP routes and the CLI read and submit to, and what runners claim from."""
 
     def __repr__(self) -> str:
         return f"JobStore(home={str(self.home)!r})"
 
-    def _get(self, conn: sqlite3.Connection, job_id: str) -> Job:
-        row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    @staticmethod
+    def _get(conn: Connection, job_id: str) -> Job:
+        row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).first()
         if row is None:
             raise JobNotFoundError(f"job {job_id!r} not found")
         return _job(row)
+
+    @staticmethod
+    def _active(conn: Connection, adapter: str) -> Job | None:
+        row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.adapter == adapter, jobs.c.state.in_(ACTIVE_STATES)))
+        found = row.first()
+        return None if found is None else _job(found)
 
     def submit(self, adapter: str, trigger: str = "manual", reason: str = "") -> Job:
         """Queue a job; UnknownAdapterJobError, or DuplicateJobError if the adapter has a queued/running job."""
         if trigger not in TRIGGERS:
             raise ValueError(f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}")
         self._check_adapter(adapter)
-        job_id = uuid.uuid4().hex[:12]
-        with self._write() as conn:
-            row = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE adapter = ? AND state IN ('queued', 'running')", (adapter,)
-            ).fetchone()
-            if row is not None:
-                raise DuplicateJobError(_job(row))
-            conn.execute(
-                "INSERT INTO jobs (id, adapter, trigger, reason, state, message, created_at, log) "
-                "VALUES (?, ?, ?, ?, 'queued', 'waiting for the job runner', ?, ?)",
-                (job_id, adapter, trigger, reason, time.time(), _log_line(f"queued ({trigger}) {reason}")),
-            )
-            job = self._get(conn, job_id)
-        log.info("queued job %s for adapter %r (%s) %s", job_id, adapter, trigger, reason)
+        try:
+            with self.database.write(lock=JOBS_LOCK) as conn:
+                job = self.submit_in(conn, adapter, trigger, reason)
+        except IntegrityError:
+            # a writer that skipped the JOBS_LOCK check raced us: the partial unique index refused the second job
+            with self.database.read() as conn:
+                existing = self._active(conn, adapter)
+            if existing is None:
+                raise
+            raise DuplicateJobError(existing) from None
+        log.info("queued job %s for adapter %r (%s) %s", job.id, adapter, trigger, reason)
         return job
 
+    def submit_in(self, conn: Connection, adapter: str, trigger: str, reason: str) -> Job:
+        """Queue a job inside the caller's write of JOBS_LOCK (a schedule's fire commits its tick with it);
+        DuplicateJobError if the adapter has an active job. The adapter is not checked here."""
+        existing = self._active(conn, adapter)
+        if existing is not None:
+            raise DuplicateJobError(existing)
+        job_id = uuid.uuid4().hex[:12]
+        seq = conn.execute(select(func.coalesce(func.max(jobs.c.seq), 0))).scalar_one() + 1
+        conn.execute(insert(jobs).values(
+            id=job_id, seq=seq, adapter=adapter, trigger=trigger, reason=reason, state="queued", progress=0.0,
+            message="waiting for the job runner", created_at=time.time(),
+            log=_log_line(f"queued ({trigger}) {reason}"),
+        ))
+        return self._get(conn, job_id)
+
     def get(self, job_id: str) -> Job:
-        with self._read() as conn:
+        with self.database.read() as conn:
             return self._get(conn, job_id)
 
     def list(self, adapter: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
@@ -312,54 +315,73 @@ class JobStore(JobsDatabase):
             raise ValueError(f"unknown job state {state!r}; expected one of {', '.join(STATES)}")
         if not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
-        where, args = [], []
-        for column, value in (("adapter", adapter), ("state", state)):
+        query = select(*_JOB_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.seq.desc()).limit(limit)
+        for column, value in ((jobs.c.adapter, adapter), (jobs.c.state, state)):
             if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs {clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        with self._read() as conn:
-            return [_job(row) for row in conn.execute(sql, (*args, limit))]
+                query = query.where(column == value)
+        with self.database.read() as conn:
+            return [_job(row) for row in conn.execute(query)]
 
-    def claim_next(self, pid: int, runner_id: str | None = None) -> Job | None:
-        """The oldest queued job, moved to running and stamped with the claiming runner; None if none is queued."""
-        with self._write() as conn:
-            sql = "SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1"
-            row = conn.execute(sql).fetchone()
+    def claim_next(self, pid: int, runner_id: str | None = None,
+                   lease_s: float = settings.default("job_lease_s")) -> Job | None:
+        """The oldest queued job, moved to running, stamped with the claiming runner and leased to it for
+        `lease_s`; None if none is queued. Jobs whose lease ran out are failed first (LEASE_ERROR).
+
+        Claims do not take JOBS_LOCK: on PostgreSQL the row lock of FOR UPDATE SKIP LOCKED is what keeps two claims
+        apart (each runner's write lock is its own), so runners claim in parallel and never the same job."""
+
+        def claim(conn: Connection) -> tuple[Job | None, list[str]]:
+            now = time.time()
+            expired = self._fail_expired(conn, now)
+            oldest = select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.created_at, jobs.c.seq)
+            row = conn.execute(oldest.limit(1).with_for_update(skip_locked=True)).first()
             if row is None:
-                return None
-            conn.execute(
-                "UPDATE jobs SET state = 'running', started_at = ?, runner_pid = ?, runner_id = ?, message = ?, "
-                "log = log || ? WHERE id = ?",
-                (time.time(), pid, runner_id, "starting", _log_line(f"running (runner pid {pid})"), row[0]),
-            )
-            return self._get(conn, row[0])
+                return None, expired
+            conn.execute(update(jobs).where(jobs.c.id == row.id).values(
+                state="running", started_at=now, runner_pid=pid, runner_id=runner_id, runner_host=HOST,
+                runner_home=str(self.home), lease_until=now + lease_s, message="starting",
+                log=jobs.c.log + _log_line(f"running (runner pid {pid})"),
+            ))
+            return self._get(conn, row.id), expired
+
+        job, expired = self.database.transact(claim, lock=f"{JOBS_LOCK}.claim.{runner_id or pid}")
+        for job_id in expired:
+            log.warning("job %s failed: %s", job_id, LEASE_ERROR)
+        return job
+
+    def heartbeat(self, job_id: str, runner_id: str | None, lease_s: float) -> bool:
+        """Renew the lease of `runner_id` on its running job for `lease_s` from now; False when the job is no longer
+        that runner's (it ended, or another runner failed it after the lease ran out): stop working on it."""
+        with self.database.write(lock=JOBS_LOCK, durable=False) as conn:
+            renewed = conn.execute(update(jobs).where(
+                jobs.c.id == job_id, jobs.c.state == "running", jobs.c.runner_id == runner_id,
+            ).values(lease_until=time.time() + lease_s))
+            return renewed.rowcount == 1
 
     def progress(self, job_id: str, fraction: float, message: str = "", *, log_it: bool = False) -> bool:
         """Record progress of a running job (fraction clamped to 0..1); False if the job is no longer running."""
         if not math.isfinite(fraction):
             raise ValueError(f"progress fraction must be a finite number, got {fraction!r}")
         fraction = min(1.0, max(0.0, float(fraction)))
-        with self._write(durable=False) as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET progress = ?, message = ? WHERE id = ? AND state = 'running'",
-                (fraction, message, job_id),
-            )
-            if log_it and cur.rowcount:
+        with self.database.write(lock=JOBS_LOCK, durable=False) as conn:
+            moved = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running").values(
+                progress=fraction, message=message,
+            )).rowcount
+            if log_it and moved:
                 self._append(conn, job_id, _log_line(f"{fraction:4.0%} {message}"))
-            return cur.rowcount == 1
+            return moved == 1
 
     def append_log(self, job_id: str, line: str) -> None:
         """Append a time-stamped line; the log keeps its last LOG_MAX_CHARS characters."""
-        with self._write(durable=False) as conn:
+        with self.database.write(lock=JOBS_LOCK, durable=False) as conn:
             self._get(conn, job_id)
             self._append(conn, job_id, _log_line(line))
 
     @staticmethod
-    def _append(conn: sqlite3.Connection, job_id: str, text: str) -> None:
-        (current,) = conn.execute("SELECT log FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        conn.execute("UPDATE jobs SET log = ? WHERE id = ?", (_bounded_log(current + text), job_id))
+    def _append(conn: Connection, job_id: str, text: str) -> None:
+        # FOR UPDATE: a claim (which holds no JOBS_LOCK) appending to the same row waits instead of being lost
+        current = conn.execute(select(jobs.c.log).where(jobs.c.id == job_id).with_for_update()).scalar_one()
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(log=_bounded_log(current + text)))
 
     def finish(
         self, job_id: str, state: str, result: Mapping[str, Any] | None = None, error: str | None = None
@@ -368,63 +390,74 @@ class JobStore(JobsDatabase):
         if state not in END_STATES:
             raise ValueError(f"a job ends {', '.join(END_STATES)}, not {state!r}")
         payload = None if result is None else json.dumps(dict(result), default=str, sort_keys=True)
-        with self._write() as conn:
+        with self.database.write(lock=JOBS_LOCK) as conn:
             self._get(conn, job_id)
             return self._finish(conn, job_id, state, payload, error)
 
-    def _finish(
-        self, conn: sqlite3.Connection, job_id: str, state: str, payload: str | None, error: str | None
-    ) -> bool:
+    @staticmethod
+    def _finish(conn: Connection, job_id: str, state: str, payload: str | None, error: str | None,
+                *, only_if: ColumnElement[bool] | None = None) -> bool:
+        """Move an active job (and, given `only_if`, one that still meets it) to `state`; True if it moved."""
         first_line = (error or "").partition("\n")[0][:200]
         message = f"failed: {first_line}" if state == "failed" else _FINISH_MESSAGES[state]
-        cur = conn.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, result = ?, error = ?, message = ?, "
-            "progress = CASE WHEN ? = 'failed' THEN progress ELSE 1.0 END "
-            "WHERE id = ? AND state IN ('queued', 'running')",
-            (state, time.time(), payload, error, message, state, job_id),
-        )
-        if cur.rowcount:
-            self._append(conn, job_id, _log_line(f"{state}" + (f": {error}" if error else "")))
-        return cur.rowcount == 1
+        where = [jobs.c.id == job_id, jobs.c.state.in_(ACTIVE_STATES)] + ([only_if] if only_if is not None else [])
+        moved = conn.execute(update(jobs).where(*where).values(
+            state=state, finished_at=time.time(), result=payload, error=error, message=message,
+            progress=jobs.c.progress if state == "failed" else 1.0,
+        )).rowcount
+        if moved:
+            JobStore._append(conn, job_id, _log_line(f"{state}" + (f": {error}" if error else "")))
+        return moved == 1
+
+    def _fail_expired(self, conn: Connection, now: float) -> list[str]:
+        """Fail running jobs whose lease ran out before `now`; a heartbeat committed meanwhile wins (the update
+        re-checks the lease)."""
+        expired = jobs.c.lease_until < now
+        rows = conn.execute(select(jobs.c.id).where(jobs.c.state == "running", expired).order_by(jobs.c.seq))
+        return [job_id for (job_id,) in rows.all() if self._finish(conn, job_id, "failed", None, LEASE_ERROR,
+                                                                    only_if=expired)]
 
     def fail_orphans(self, runner_id: str | None = None) -> list[str]:
-        """Fail running jobs whose runner is dead, or (given the id of the runner now holding the lock) that belong
-        to any other runner; returns their ids. Safe to call while a live runner works: its jobs are kept."""
-        with self._write() as conn:
-            rows = conn.execute("SELECT id, runner_pid, runner_id FROM jobs WHERE state = 'running'").fetchall()
-            orphans = [
-                job_id
-                for job_id, pid, owner in rows
-                if (runner_id is not None and owner != runner_id) or not _pid_alive(pid)
-            ]
+        """Fail running jobs whose runner is gone; returns their ids. Safe to call while live runners work: their
+        jobs are kept. Gone means: it ran on this host and its pid is dead, or (given the id of the runner now
+        holding this home's runner lock) it is another runner of this home on this host, or its lease ran out."""
+        now = time.time()
+        columns = (jobs.c.id, jobs.c.runner_pid, jobs.c.runner_id, jobs.c.runner_host, jobs.c.runner_home)
+        with self.database.write(lock=JOBS_LOCK) as conn:
+            rows = conn.execute(select(*columns).where(jobs.c.state == "running").order_by(jobs.c.seq)).all()
+            orphans = [job_id for job_id, pid, owner, host, home in rows if host == HOST and (
+                not _pid_alive(pid) or (runner_id is not None and owner != runner_id and home == str(self.home))
+            )]
             for job_id in orphans:
                 self._finish(conn, job_id, "failed", None, ORPHAN_ERROR)
+            expired = self._fail_expired(conn, now)
         for job_id in orphans:
             log.warning("job %s failed: %s", job_id, ORPHAN_ERROR)
-        return orphans
+        for job_id in expired:
+            log.warning("job %s failed: %s", job_id, LEASE_ERROR)
+        return orphans + expired
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """{(adapter, trigger, state): number of jobs}, e.g. for a Prometheus collector."""
-        with self._read() as conn:
-            rows = conn.execute("SELECT adapter, trigger, state, COUNT(*) FROM jobs GROUP BY adapter, trigger, state")
+        groups = (jobs.c.adapter, jobs.c.trigger, jobs.c.state)
+        with self.database.read() as conn:
+            rows = conn.execute(select(*groups, func.count()).group_by(*groups))
             return {(a, t, s): n for a, t, s, n in rows}
 
     def latest(self, adapter: str, trigger: str | None = None) -> Job | None:
         """The most recently created job of the adapter (of that trigger, if given)."""
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE adapter = ? AND (? IS NULL OR trigger = ?)"
-        with self._read() as conn:
-            row = conn.execute(sql + " ORDER BY created_at DESC, rowid DESC LIMIT 1", (adapter, trigger, trigger))
-            found = row.fetchone()
+        query = select(*_JOB_COLUMNS).where(jobs.c.adapter == adapter)
+        if trigger is not None:
+            query = query.where(jobs.c.trigger == trigger)
+        with self.database.read() as conn:
+            found = conn.execute(query.order_by(jobs.c.created_at.desc(), jobs.c.seq.desc()).limit(1)).first()
         return None if found is None else _job(found)
 
     def last_finished(self, adapter: str, states: Iterable[str] = END_STATES) -> Job | None:
         """The adapter's job that ended last, among those that ended in one of ``states``."""
-        states = tuple(states)
-        marks = ", ".join("?" * len(states))
-        sql = (
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE adapter = ? AND finished_at IS NOT NULL AND state IN ({marks}) "
-            "ORDER BY finished_at DESC LIMIT 1"
-        )
-        with self._read() as conn:
-            row = conn.execute(sql, (adapter, *states)).fetchone()
-        return None if row is None else _job(row)
+        query = select(*_JOB_COLUMNS).where(
+            jobs.c.adapter == adapter, jobs.c.finished_at.is_not(None), jobs.c.state.in_(tuple(states)),
+        ).order_by(jobs.c.finished_at.desc(), jobs.c.seq.desc()).limit(1)
+        with self.database.read() as conn:
+            found = conn.execute(query).first()
+        return None if found is None else _job(found)

@@ -41,7 +41,7 @@ def _epoch(value: Any) -> float | None:
 class DriftPolicy:
     """When drift starts a retrain job. ``evaluate`` returns the reason, or None to wait."""
 
-    home: Path = field(metadata={"help": "ADAPTSERVE_HOME holding monitor.db, the labels and jobs.db"})
+    home: Path = field(metadata={"help": "ADAPTSERVE_HOME: monitor.db, the labels and the state database"})
     min_labels: int = field(
         default=settings.default("retrain_min_labels"), metadata={"help": settings.help_text("retrain_min_labels")}
     )

@@ -2,25 +2,31 @@
 
 Who does what:
 
-* the service and the CLI only *submit*: ``JobStore.submit`` and ``ScheduleStore.add`` are small SQLite writes with
-  no torch import, so serving workers never train and predictions keep their latency;
+* the service and the CLI only *submit*: ``JobStore.submit`` and ``ScheduleStore.add`` are small writes to the state
+  database with no torch import, so serving workers never train and predictions keep their latency;
 * one ``JobRunner`` per home (``adaptserve jobs runner``, holding the exclusive flock on ``<home>/runner.lock``,
-  `pipelines.runner_lock`) turns cron schedules (APScheduler, `pipelines.schedules`) and flagged drift
-  (`pipelines.policy.DriftPolicy`) into queued jobs, claims queued jobs and runs each in a child process
-  (``python -m pipelines.runner exec ID``), so a crash in training cannot take the runner down;
+  `pipelines.runner_lock`), and any number of homes, on any machines, sharing one database
+  (ADAPTSERVE_DATABASE_URL). Each turns cron schedules (APScheduler, `pipelines.schedules`; every tick fires once
+  whichever runners see it) and flagged drift (`pipelines.policy.DriftPolicy`) into queued jobs, claims queued
+  jobs (no two runners the same one) and runs each in a child process (``python -m pipelines.runner exec ID``), so
+  a crash in training cannot take the runner down;
 * the child reports progress, log lines and the outcome back through the job store (`pipelines.jobs`).
 
 Crash safety (kill -9 of the runner, its child, or both, at any point):
 
-* every state change is one SQLite transaction (see `pipelines.jobs`);
+* every state change is one transaction of the state database (see `pipelines.jobs`);
 * the job function (``pipelines.retrain.retrain``) publishes and promotes through the adapter registry, which stages
   and commits atomically, so a killed job leaves no visible partial adapter and the champion unchanged;
 * the child asks the kernel to SIGKILL it when the runner dies (PR_SET_PDEATHSIG), so no training outlives it;
-* a starting runner holds the lock, so every job still 'running' belongs to a dead runner: ``fail_orphans`` marks
-  it failed (resubmit to retry). Queued jobs, schedules and labelled data are never touched by recovery.
+* a runner holds a lease on the job it runs and renews it every third of ADAPTSERVE_JOB_LEASE_S on a thread of its
+  own. The job of a runner that died ends failed, never retried (resubmit to retry): at once when the next runner
+  of the same home starts (it holds the home's lock, so the old runner is gone: ``fail_orphans``), else, seen by
+  any runner on the database, once the lease has run out. A runner that finds its lease taken (it was cut off from
+  the database that long) stops the job process. Queued jobs, schedules and labelled data are never touched by
+  recovery.
 
-One job runs at a time: training uses every core of the 2-core target machine, so jobs of different adapters run one
-after another in submission order.
+One job runs at a time per runner: training uses every core of the 2-core target machine, so a runner runs jobs one
+after another in submission order; more homes (machines) run more jobs at once.
 
 The child inherits the runner's environment, so the ADAPTSERVE_RETRAIN_* settings the runner was started with are
 the ones its jobs train and gate with.
@@ -51,8 +57,19 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from pipelines.jobs import CHAMPION_KEPT, DuplicateJobError, Job, JobStore, KnownAdapters, UnknownAdapterJobError
+from models import settings
+from pipelines.jobs import (
+    CHAMPION_KEPT,
+    LEASE_ERROR,
+    ORPHAN_ERROR,
+    DuplicateJobError,
+    Job,
+    JobStore,
+    KnownAdapters,
+    UnknownAdapterJobError,
+)
 from pipelines.policy import DriftPolicy
+from pipelines.runner_lease import LeaseKeeper
 from pipelines.runner_lock import hold_runner_lock
 from pipelines.schedules import CRON_TIMEZONE, ScheduleNotFoundError, ScheduleStore, cron_trigger
 
@@ -130,7 +147,8 @@ class JobRunner:
     'rejected' (and ``to_dict()``) or raises; default ``pipelines.retrain:retrain``. ``policy_interval_s=None``
     turns drift-started jobs off; ``known_adapters`` replaces the registry lookup (tests); ``lock_wait_s`` is how
     long a second runner waits for the lock before RunnerLockedError; ``supervised`` marks a runner started by a
-    service's RunnerSupervisor in the lock file, so the service that finds it there stops it with itself.
+    service's RunnerSupervisor in the lock file, so the service that finds it there stops it with itself;
+    ``lease_s`` is how long its hold on a running job lasts unrenewed (default ADAPTSERVE_JOB_LEASE_S).
     """
 
     def __init__(
@@ -144,6 +162,7 @@ class JobRunner:
         known_adapters: KnownAdapters = None,
         lock_wait_s: float = 2.0,
         supervised: bool = False,
+        lease_s: float | None = None,
     ) -> None:
         self.home = Path(home).expanduser().absolute()
         self.lock_wait_s = lock_wait_s
@@ -155,6 +174,7 @@ class JobRunner:
         self.schedules = ScheduleStore(self.home, known_adapters=known_adapters)
         self.policy = policy
         self.policy_interval_s = policy_interval_s
+        self.lease_s = settings.load().job_lease_s if lease_s is None else lease_s
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.scheduler: BackgroundScheduler | None = None
         self._stop = threading.Event()
@@ -249,18 +269,20 @@ class JobRunner:
                 log.info("schedule %s (%s) missed a fire while no runner ran: firing now", s.id, s.adapter)
         return True
 
-    def fire_schedule(self, schedule_id: int) -> Job | None:
-        """What APScheduler calls: submit a 'schedule' job; a duplicate or vanished adapter is logged and skipped."""
+    def fire_schedule(self, schedule_id: int, now: float | None = None) -> Job | None:
+        """What APScheduler calls: submit a 'schedule' job for this tick, unless another runner did; a duplicate or
+        vanished adapter is logged and skipped (the tick counts as fired)."""
         try:
-            s = self.schedules.get(schedule_id)
+            job = self.schedules.fire(schedule_id, self.jobs, now)
         except ScheduleNotFoundError:
             return None  # deleted since the last reload
-        job = None
-        try:
-            job = self.jobs.submit(s.adapter, "schedule", f"schedule {s.id} (cron '{s.cron}')")
         except (DuplicateJobError, UnknownAdapterJobError) as e:
-            log.warning("schedule %s skipped: %s", s.id, e)
-        self.schedules.mark_run(s.id, time.time())
+            log.warning("schedule %s skipped: %s", schedule_id, e)
+            return None
+        if job is None:
+            log.info("schedule %s: this tick was fired by another runner", schedule_id)
+        else:
+            log.info("queued job %s for adapter %r (schedule) %s", job.id, job.adapter, job.reason)
         return job
 
     # ---------------------------------------------------------------- drift
@@ -289,7 +311,7 @@ class JobRunner:
 
     def run_next(self) -> Job | None:
         """Claim the oldest queued job and run it to its end in a child process; None if nothing was queued."""
-        job = self.jobs.claim_next(os.getpid(), self.runner_id)
+        job = self.jobs.claim_next(os.getpid(), self.runner_id, self.lease_s)
         if job is None:
             return None
         log.info("job %s: retraining %r (%s)", job.id, job.adapter, job.trigger)
@@ -310,19 +332,32 @@ class JobRunner:
                 self._command(job), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env()
             )
         self.jobs.append_log(job.id, f"job process pid {proc.pid}: {self.job_fn} (output in {out_path})")
-        stopped = False
+        with LeaseKeeper(self.jobs, job.id, self.runner_id, self.lease_s) as lease:
+            rc, stopped = self._wait(proc, lease)
+        return self._settle(job, rc, out_path, stopped)
+
+    def _wait(self, proc: subprocess.Popen[bytes], lease: LeaseKeeper) -> tuple[int, bool]:
+        """The child's exit status, and whether this runner stopped it (stop(), or another runner took the job)."""
+        stopped, lost_seen = False, False
         while True:
             try:
-                rc = proc.wait(timeout=self.poll_s)
-                break
+                return proc.wait(timeout=self.poll_s), stopped
             except subprocess.TimeoutExpired:
                 pass
-            if self._stop.is_set() and not stopped:
+            if stopped:
+                continue
+            taken = False
+            if lease.lost.is_set() and not lost_seen:
+                lost_seen = True  # the child's own finish also ends the lease: only a job failed by others is taken
+                taken = self.jobs.get(job_id := lease.job_id).error in (LEASE_ERROR, ORPHAN_ERROR)
+                if taken:
+                    log.warning("job %s was failed by another runner (this one's lease ran out): stopping its job "
+                                "process", job_id)
+            if self._stop.is_set() or taken:
                 stopped = True
                 self._terminate(proc)
-            elif not stopped and self._housekeeping:
+            elif self._housekeeping:
                 self._tick()
-        return self._settle(job, rc, out_path, stopped)
 
     @staticmethod
     def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:

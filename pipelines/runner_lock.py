@@ -2,7 +2,9 @@
 
 A starting runner takes the exclusive lock (`hold_runner_lock`) for as long as it lives; the kernel drops it when the
 runner exits or is killed (kill -9 included), so a crashed runner never leaves a stale lock. Holding it is what lets
-a starting runner fail every job still 'running' as an orphan: no other runner can own them.
+a starting runner fail at once every job an earlier runner of this home left 'running': that runner is gone. Jobs of
+runners of other homes on a shared database (ADAPTSERVE_DATABASE_URL) are not this lock's business: their leases
+say when they are orphans (`pipelines.jobs`).
 
 The file's first line says who holds it (`RunnerLockHolder`): ``PID`` for a runner started by hand, or
 ``PID supervised SUPERVISOR_PID`` for one a serving worker's RunnerSupervisor started (service/background.py), which

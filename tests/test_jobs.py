@@ -5,6 +5,10 @@ and the CLI.
 Jobs run through the real runner path (a child process per job) with the fake retrain functions of
 tests/jobs_crash_helper.py, which act by adapter name: ok-* promoted, rej-* rejected, bad-* raises, die-* SIGKILLs
 its own job process, slow-* hangs mid-publish.
+
+The store tests (the `store` and `schedules` fixtures) run on both backends: the embedded SQLite default and a
+PostgreSQL server. Tests that run a real runner (child processes, run_forever threads) and the CLI tests stay on
+the embedded SQLite (`EMBEDDED_ONLY`); tests/test_runner_scaleout.py runs runners on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import inspect
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,12 +30,16 @@ import jobs_crash_helper
 import numpy as np
 import pytest
 from jobs_crash_helper import SLOW_STARTED, fake_retrain
+from sqlalchemy import insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from typer import Typer
 from typer.testing import CliRunner
 
-from models import settings
+from models import migrations, settings
 from models.registry import SQLiteRegistry
 from models.settings import SettingsError
+from models.state import close_all
 from pipelines.jobs import (
     LOG_MAX_CHARS,
     ORPHAN_ERROR,
@@ -43,6 +50,7 @@ from pipelines.jobs import (
     UnknownAdapterJobError,
 )
 from pipelines.jobs_cli import jobs_app, retrain_command, schedules_app
+from pipelines.jobs_tables import jobs
 from pipelines.policy import DriftPolicy
 from pipelines.runner import DEFAULT_JOB_FN, STOPPED_ERROR, JobRunner, callable_path, resolve_callable
 from pipelines.runner_lock import RunnerLockedError, RunnerLockHolder, runner_pid
@@ -59,6 +67,8 @@ KNOWN = ("ok-a", "rej-b", "bad-c", "die-d", "slow-e")
 CRON_HELP = "use 5 fields: minute hour day month weekday, e.g. '0 3 * * *'"
 RARE_CRON = "0 3 1 1 *"  # 03:00 UTC on January 1st: never fires by itself during a test
 KILLED = "job process was killed by SIGKILL before reporting a result; the champion was not changed"
+# runs a real runner (child processes or a run_forever thread): on the embedded SQLite default only
+EMBEDDED_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -69,13 +79,29 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"  # the same dir conftest points ADAPTSERVE_HOME at, so the CLI sees it too
 
 
+@pytest.fixture(autouse=True)
+def _close_databases() -> Iterator[None]:
+    yield
+    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
+
+
 @pytest.fixture
-def store(home: Path) -> JobStore:
+def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The state database of the test: sqlite leaves ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db);
+    postgresql points it at a fresh database, upgraded to head as `adaptserve db upgrade` would."""
+    if make_url(db_url).get_backend_name() == "postgresql":
+        migrations.upgrade(db_url)
+        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    return db_url
+
+
+@pytest.fixture
+def store(home: Path, backend: str) -> JobStore:
     return JobStore(home, known_adapters=KNOWN)
 
 
 @pytest.fixture
-def schedules(home: Path) -> ScheduleStore:
+def schedules(home: Path, backend: str) -> ScheduleStore:
     return ScheduleStore(home, known_adapters=KNOWN)
 
 
@@ -153,6 +179,7 @@ OUTCOMES = [
 ]  # fmt: skip
 
 
+@EMBEDDED_ONLY
 @pytest.mark.parametrize(("adapter", "state", "progress", "message", "error"), OUTCOMES)
 def test_job_runs_in_a_child_process_to_its_end_state(
     home: Path, store: JobStore, adapter: str, state: str, progress: float, message: str, error: str | None
@@ -246,10 +273,11 @@ def test_concurrent_submits_for_one_adapter_admit_exactly_one(store: JobStore) -
 
 def test_the_database_itself_allows_one_active_job_per_adapter(store: JobStore) -> None:
     store.submit("ok-a")
-    with sqlite3.connect(store.db_path) as conn, pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
-        conn.execute(
-            "INSERT INTO jobs (id, adapter, trigger, state, created_at) VALUES ('x', 'ok-a', 'manual', 'queued', 0)"
-        )
+    unique = (r"UNIQUE constraint failed: jobs\.adapter" if store.database.is_sqlite
+              else 'duplicate key value violates unique constraint "ix_jobs_one_active_per_adapter"')
+    with pytest.raises(IntegrityError, match=unique), store.database.write() as conn:
+        conn.execute(insert(jobs).values(id="x", seq=99, adapter="ok-a", trigger="manual", reason="", state="queued",
+                                         progress=0, message="", created_at=0, log=""))
 
 
 def test_unknown_adapter_is_refused(store: JobStore, schedules: ScheduleStore) -> None:
@@ -267,7 +295,7 @@ def test_unknown_adapter_is_refused(store: JobStore, schedules: ScheduleStore) -
     assert store.list() == [] and schedules.list() == []
 
 
-def test_known_adapters_default_to_the_registry(registry: SQLiteRegistry) -> None:
+def test_known_adapters_default_to_the_registry(registry: SQLiteRegistry, backend: str) -> None:
     jobs = JobStore(registry.home)
     assert jobs.known_adapters() == {"ok-a", "slow-e"}
     assert jobs.submit("slow-e").adapter == "slow-e"
@@ -405,6 +433,7 @@ def test_killed_runner_leaves_a_failed_job_and_nothing_else_changed(
     assert list(reopened.tmp_dir.iterdir()) == [], "the half-staged adapter never became visible and is swept"
 
 
+@EMBEDDED_ONLY
 def test_stopping_the_runner_ends_a_running_job_failed(home: Path, store: JobStore) -> None:
     slow = store.submit("slow-e")
     runner = make_runner(home)
@@ -513,6 +542,7 @@ def test_schedules_persist_and_delete(home: Path, schedules: ScheduleStore) -> N
     assert schedules.list() == [second]
 
 
+@EMBEDDED_ONLY
 def test_a_schedule_fires_a_job_through_apscheduler(home: Path, store: JobStore, schedules: ScheduleStore,
                                                     running: Callable[..., JobRunner]) -> None:  # fmt: skip
     schedule = schedules.add("ok-a", RARE_CRON)
@@ -544,6 +574,7 @@ def test_a_fire_while_a_job_is_active_is_skipped(home: Path, store: JobStore, sc
     assert runner.fire_schedule(999) is None, "a schedule deleted since the last reload fires nothing"
 
 
+@EMBEDDED_ONLY
 def test_a_fire_missed_while_no_runner_ran_fires_once_after_restart(
     home: Path, store: JobStore, running: Callable[..., JobRunner]
 ) -> None:
