@@ -32,7 +32,7 @@ from models.db import Database, DatabaseBusy, DatabaseError, database_url, redac
 from pipelines import db_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = "0002_jobs"
+HEAD = migrations.head()  # the newest revision of the packaged chain (each store port adds one)
 
 # A table of the tests' own (not models.db.metadata, which belongs to the stores and their migrations)
 counters = Table("counters", MetaData(), Column("name", String(32), primary_key=True),
@@ -415,3 +415,14 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def test_the_packaged_revisions_form_one_chain() -> None:
+    """Every revision file is on one line from 0001_baseline to head (no branch, no orphan): upgrade reaches all."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(migrations.config())
+    chain = [r.revision for r in script.walk_revisions()]  # head first
+    files = sorted(p.stem for p in (migrations.SCRIPT_LOCATION / "versions").glob("0*.py"))
+    assert script.get_heads() == [HEAD] and chain[-1] == "0001_baseline"
+    assert sorted(chain) == files
