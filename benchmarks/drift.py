@@ -343,9 +343,7 @@ def _cell(value: Any) -> str:
 
 
 def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / "drift.json"
-    js.write_text(json.dumps(result, indent=2) + "\n")
+    """drift.json and drift.md in `out_dir`; returns (md, json)."""
     severities = sorted({s for d in result["detection_delay"].values() for s in d}, key=int)
     lines = [
         "# Drift monitor benchmark", "",

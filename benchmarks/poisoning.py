@@ -148,6 +148,7 @@ def main() -> int:
 
 
 def _markdown(meta: dict, results: list[dict]) -> str:
+    """poisoning.md: one table row per case, then the gate's numbers of each case that ran a job."""
     lines = ["# Label poisoning, re-run end to end", "", f"`{meta['command']}` on {meta['date']} ({meta['machine']})",
              "", __doc__.split("\n\n")[1], "", "| case | feedback answers | labels stored | job | attacker's label on "
              "unseen inverted digits (before -> after) | clean accuracy after | champion after |", "|---|---|---|---|"

@@ -197,6 +197,7 @@ def _say_progress(say: Callable[[str], None]) -> Callable[[float, str], None]:
 def _summary(
     cfg: BenchConfig, before: dict, after: dict, labels: int, times: tuple, result: RetrainResult, shifted_n: int
 ) -> dict[str, Any]:
+    """The result row: accuracies before/after, the share of the shift's loss recovered, the job's cost, targets."""
     clean, shifted, retrained, source_after = before["clean"], before["shifted"], after["shifted"], after["clean"]
     lost = clean - shifted
     recovered = (retrained - shifted) / lost if lost > 0 else float("nan")

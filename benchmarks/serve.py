@@ -170,6 +170,8 @@ def discover(url: str) -> tuple[list[str], str | None]:
     names = sorted(a["name"] for a in listed if a["champion"] is not None)
     swappable = [a["name"] for a in listed if {1, 2} <= {v["version"] for v in a["versions"]}]
     return names, (swappable[0] if swappable else None)
+
+
 def measure_ceilings(base: Path, cache: Path, seconds: float, int8: bool) -> tuple[float, float, float | None]:
     """(fp32 matmul peak GFLOP/s, fp32 ONNX engine alone img/s, int8 engine alone img/s or None), measured now."""
     peak = matmul_peak_gflops(seconds=min(2.0, seconds))
@@ -273,6 +275,7 @@ def summarize(
 def _numbers(
     cfg: BenchConfig, measured: dict, baseline: dict | None, peak: float, flops: float, engine: float
 ) -> dict[str, Any]:
+    """The headline numbers, rounded, and every ratio between two numbers of the same run."""
     single, multi, swap = measured["single"], measured["multi"], measured.get("swap") or {}
     img_s, roofline = single["throughput_img_s"], peak / flops
     baseline_img_s = baseline["throughput_img_s"] if baseline else None

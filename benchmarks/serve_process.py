@@ -59,6 +59,7 @@ class ServeProcess:
         return self.bentoml_home / "prometheus_multiproc_dir"
 
     def start(self) -> ServeProcess:
+        """Start the server (its output goes to serve.log) and return at once; `wait_ready` waits for it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.cli:
             cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1"]

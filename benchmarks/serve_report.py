@@ -34,6 +34,7 @@ def target_lines(r: dict[str, Any]) -> list[str]:
 
 
 def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(metric, value) rows of serve.md's table, in the order a reader compares them."""
     cfg, phases = r["config"], r["phases"]
     single, base, swap = phases["single"], phases.get("baseline") or {}, phases.get("swap") or {}
     return [
