@@ -19,7 +19,7 @@ import io
 import itertools
 import json
 import os
-import socket
+import secrets
 import subprocess
 import sys
 import tarfile
@@ -30,7 +30,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+from PIL import Image
+
+from benchmarks.serve_process import ROOT, free_port
+from models.strategies import AdaptConfig
+from pipelines.adapt import adapt_model
+from pipelines.data import DataSplits, digits_splits, per_class_subset
+from pipelines.shifts import shift_set
+from pipelines.train import TrainConfig
 
 # The service settings the demo starts its own service with: a drift check every few seconds over a short
 # window, and a drift-triggered retrain as soon as enough labels arrived. A production service keeps the slower
@@ -80,8 +89,6 @@ class Client:
     /feedback post, so its labels are trusted ones."""
 
     def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
-        import httpx
-
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -110,16 +117,11 @@ class Client:
         return r.json()
 
 
-def _b64(image) -> str:
+def png_b64(image: Image.Image) -> str:
+    """`image` as a base64 PNG, the way a client puts it in a JSON request."""
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def local_url(host: str, port: int) -> str:
@@ -135,10 +137,9 @@ def start_service(
     state directory (service/serve.py), so the demo never touches another service's."""
     env = dict(os.environ, ADAPTSERVE_HOME=str(home), ADAPTSERVE_BASE_MODEL=str(base), ADAPTSERVE_ADMIN_TOKEN=token)
     env.update(extra_env)
-    root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "service.serve", "--host", host, "--port", str(port)]
     log = open(home / "demo-service.log", "ab")  # noqa: SIM115 - the child process owns it
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(client: Client, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
@@ -157,11 +158,6 @@ def wait_ready(client: Client, proc: subprocess.Popen | None, timeout: float = 1
 
 def train_site_adapter(base: Path, out: Path, epochs: int, seed: int) -> Path:
     """The site's first adapter: LoRA on a little clean digits data (its reference images come with it)."""
-    from models.strategies import AdaptConfig
-    from pipelines.adapt import adapt_model
-    from pipelines.data import DataSplits, digits_splits, per_class_subset
-    from pipelines.train import TrainConfig
-
     d = digits_splits(32)
     target = DataSplits(per_class_subset(d.train, 30, seed), d.val, d.test)
     adapt_model(base, target, out, AdaptConfig(strategy="lora"), TrainConfig(epochs=epochs, seed=seed, patience=5))
@@ -185,7 +181,7 @@ class DemoConfig:
 
 def _stream(client: Client, tl: Timeline, cfg: DemoConfig, images, labels, phase: str, state: dict) -> None:
     """One /predict request; feedback for a fraction of its images; note version changes as promotions."""
-    body = {"images": [_b64(im) for im in images], "adapter": cfg.adapter}
+    body = {"images": [png_b64(im) for im in images], "adapter": cfg.adapter}
     r = client.post("/predict", body)
     for p, y in zip(r["predictions"], labels, strict=True):
         tl.correct.append(int(p["label"] == str(y)))
@@ -266,9 +262,6 @@ def new_state(client: Client, cfg: DemoConfig, say: Callable[[str], None]) -> di
 
 
 def run_demo(client: Client, base: Path, cfg: DemoConfig, say: Callable[[str], None], work: Path) -> dict:
-    from pipelines.data import digits_splits
-    from pipelines.shifts import shift_set
-
     tl, state = Timeline(), new_state(client, cfg, say)
     tl.add("phase", f"training site adapter {cfg.adapter!r} on clean digits", say)
     adapter_dir = train_site_adapter(base, work / "site-adapter", cfg.adapter_epochs, cfg.seed)
@@ -348,7 +341,7 @@ def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
 
 def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """demo-report.html (self-contained: the chart is embedded) and demo-chart.png."""
-    import matplotlib
+    import matplotlib  # heavy, and only for the chart
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -417,8 +410,6 @@ def demo(
     proc = None
     with tempfile.TemporaryDirectory(prefix="adaptserve-demo-") as tmp:
         if url is None:
-            import secrets
-
             home = home or Path(tmp) / "home"
             home.mkdir(parents=True, exist_ok=True)
             token = token or secrets.token_urlsafe(16)

@@ -26,7 +26,9 @@ Run: `adaptserve bench drift` or `python -m benchmarks.drift`.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import platform
 import statistics
 import sys
@@ -39,9 +41,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 import typer
 
+from benchmarks.machine import cpu_model, usable_cores
+from benchmarks.output import write_record
+from models.artifacts import load_model
+from models.export import softmax
 from models.metadata import BASE, ModelMeta
+from models.registry import open_registry
+from monitoring.blas import one_blas_thread
+from monitoring.capture import reference_from_arrays
+from monitoring.config import MonitorConfig
+from monitoring.detectors import DriftConfig, DriftDetector, ReferenceSet, _synthetic_set, time_check
+from monitoring.image_stats import STAT_NAMES, batch_image_stats
+from monitoring.monitor import DriftMonitor
+from monitoring.reference import base_reference
+from monitoring.reports import time_report
+from pipelines.adapt import pretrain
+from pipelines.data import digits_splits
+from pipelines.shifts import shift_set
+from pipelines.train import TrainConfig
+from service.engine import OnnxEngine
 
 DEFAULT_SHIFTS = ("gaussian_noise", "defocus_blur", "contrast", "rotation", "brightness", "invert")
 QUICK_SHIFTS = ("gaussian_noise",)
@@ -74,31 +95,21 @@ class Traffic:
     """Images -> monitoring features as the service records them, through the serving engine."""
 
     def __init__(self, model_dir: Path, work: Path) -> None:
-        from models.artifacts import load_model
-        from service.engine import OnnxEngine
-
         base, self.meta = load_model(model_dir)
         self.transform = self.meta.preprocessing.eval_transform()
         self.engine = OnnxEngine(base, self.meta, work / "onnx-cache")
         self.classes = list(self.meta.classes)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
-        import torch
-
         return torch.stack([self.transform(im) for im in images]).numpy()
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probs, embeddings) for a preprocessed batch, served by the base model."""
-        from models.export import softmax
-
         logits, emb = self.engine.run(x, [BASE] * len(x))
         return softmax(logits), emb
 
-    def features(self, images: Sequence[Any], batch: int = 64):
+    def features(self, images: Sequence[Any], batch: int = 64) -> ReferenceSet:
         """A ReferenceSet of the records the service would store for these predictions (float16 embeddings)."""
-        from monitoring.capture import reference_from_arrays
-        from monitoring.image_stats import batch_image_stats
-
         probs, embs = [], []
         for start in range(0, len(images), batch):
             p, e = self.infer(self.preprocess(images[start : start + batch]))
@@ -108,15 +119,11 @@ class Traffic:
         return reference_from_arrays(emb, batch_image_stats(images), np.concatenate(probs))
 
 
-def _subset(rs: Any, idx: np.ndarray) -> Any:
-    from monitoring.detectors import ReferenceSet
-
+def _subset(rs: ReferenceSet, idx: np.ndarray) -> ReferenceSet:
     return ReferenceSet(rs.embeddings[idx], rs.stats[idx], rs.confidence[idx], rs.entropy[idx], rs.classes[idx])
 
 
-def _concat(a: Any, b: Any) -> Any:
-    from monitoring.detectors import ReferenceSet
-
+def _concat(a: ReferenceSet, b: ReferenceSet) -> ReferenceSet:
     return ReferenceSet(*(np.concatenate([getattr(a, f), getattr(b, f)])
                           for f in ("embeddings", "stats", "confidence", "entropy", "classes")))
 
@@ -124,13 +131,13 @@ def _concat(a: Any, b: Any) -> Any:
 # ----------------------------------------------------------------------------------------- detection
 
 
-def _detector(reference: Any, seed: int, tests: tuple[str, ...] | None = None):
-    from monitoring.detectors import DriftConfig, DriftDetector
-
+def _detector(reference: ReferenceSet, seed: int, tests: tuple[str, ...] | None = None) -> DriftDetector:
     return DriftDetector(reference, DriftConfig(seed=seed) if tests is None else DriftConfig(seed=seed, tests=tests))
 
 
-def false_alarms(reference: Any, clean: Any, window: int, every: int, trials: int, seed: int) -> dict[str, Any]:
+def false_alarms(
+    reference: ReferenceSet, clean: ReferenceSet, window: int, every: int, trials: int, seed: int
+) -> dict[str, Any]:
     """Checks of clean traffic: random orders of the clean pool, a fresh detector seed per trial."""
     alarms = checks = 0
     times = []
@@ -148,7 +155,8 @@ def false_alarms(reference: Any, clean: Any, window: int, every: int, trials: in
 
 
 def detection_delay(
-    reference: Any, clean: Any, shifted: Any, window: int, every: int, seed: int, tests: tuple[str, ...] | None = None
+    reference: ReferenceSet, clean: ReferenceSet, shifted: ReferenceSet, window: int, every: int, seed: int,
+    tests: tuple[str, ...] | None = None,
 ) -> tuple[int | None, list[str]]:
     """(requests after onset until the first alarm, the features that moved in it): `window` clean records, then
     shifted ones, a check every `every` requests over the latest `window`; (None, []) when no check alarms before
@@ -177,12 +185,9 @@ def _median_delay(delays: list[int | None]) -> int | float | None:
 
 def evidently_preset_ms(n: int = 1000, d: int = 512) -> float:
     """Evidently DataDriftPreset over every column of the 1000 x 512 window that time_check checks."""
-    import pandas as pd
+    import pandas as pd  # heavy (evidently and pandas: seconds to import); only when Evidently is timed
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
-
-    from monitoring.detectors import _synthetic_set
-    from monitoring.image_stats import STAT_NAMES
 
     rng = np.random.default_rng(20240601)  # the seed and order of time_check: the same reference and window
     sets = [_synthetic_set(n, d, rng), _synthetic_set(n, d, rng)]
@@ -211,9 +216,6 @@ def capture_overhead(traffic: Traffic, images: Sequence[Any], model_dir: Path, w
     threads' work (flush() before the clock stops). Also reported from process CPU time (all threads), which
     other processes inflate less.
     """
-    from models.registry import open_registry
-    from monitoring.monitor import DriftMonitor, MonitorConfig
-
     xs = [traffic.preprocess(images[i : i + batch]) for i in range(0, len(images), batch)]
     chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
     monitor = DriftMonitor(work / "capture-home", open_registry(work / "capture-home"), model_dir,
@@ -271,9 +273,6 @@ def _record_cost(monitor: Any, chunk: Sequence[Any], outputs: tuple[np.ndarray, 
 def _source_model(model: Path | None, work: Path) -> Path:
     if model is not None:
         return model
-    from pipelines.adapt import pretrain
-    from pipelines.train import TrainConfig
-
     _log("pretraining the embedded source model into a temp dir (~30 s; pass --model to reuse one)")
     path, _ = pretrain(work / "digits-resnet18", "resnet18", TrainConfig(epochs=6, batch_size=32, patience=3, seed=0))
     return path
@@ -283,12 +282,6 @@ def run(
     model: Path | None, work: Path, *, window: int, every: int, clean_trials: int, trials: int,
     shifts: Sequence[str], severities: Sequence[int], reps: int, evidently: bool, seed: int, quick: bool = False,
 ) -> dict[str, Any]:
-    from monitoring.detectors import ReferenceSet, time_check
-    from monitoring.monitor import one_blas_thread
-    from monitoring.reference import base_reference
-    from pipelines.data import digits_splits
-    from pipelines.shifts import shift_set
-
     model_dir = _source_model(model, work)
     traffic = Traffic(model_dir, work)
     reference = ReferenceSet.load(base_reference(model_dir, work / "home"))
@@ -330,8 +323,6 @@ def run(
     out.update(capture_overhead(traffic, test.images[:128] if quick else test.images, model_dir, work, reps))
     out["evidently_ms"] = out["evidently_report_ms"] = None
     if evidently:
-        from monitoring.reports import time_report
-
         _log("Evidently DataDriftPreset on 1000 x 512 (tens of seconds)")
         out["evidently_ms"] = evidently_preset_ms()
         out["evidently_report_ms"] = time_report(1000, 512) * 1e3
@@ -355,9 +346,7 @@ def _cell(value: Any) -> str:
 
 
 def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / "drift.json"
-    js.write_text(json.dumps(result, indent=2) + "\n")
+    """drift.json and drift.md in `out_dir`; returns (md, json)."""
     severities = sorted({s for d in result["detection_delay"].values() for s in d}, key=int)
     lines = [
         "# Drift monitor benchmark", "",
@@ -371,7 +360,8 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         f"| DriftDetector.check, 1000 x 512, one BLAS thread as the monitor runs it (median) | "
         f"{result['check_ms']:.1f} ms | < 100 ms |",
         f"| same, drifted window (all 399 permutations) | {_num(result['check_ms_drifted'], '.1f')} | |",
-        f"| same, numpy's default BLAS threads ({_cpus()}) | {_num(result['check_ms_blas_default'], '.1f')} | |",
+        f"| same, numpy's default BLAS threads ({usable_cores()}) | "
+        f"{_num(result['check_ms_blas_default'], '.1f')} | |",
         f"| check as benchmarked ({result['window']} x 512) | {result['window_check_ms']:.1f} ms | |",
         f"| Evidently DataDriftPreset, same 1000 x 512 window | {_ms(result['evidently_ms'])} | |",
         f"| Evidently report as the service writes it (1000 x 512) | {_ms(result['evidently_report_ms'])} | |",
@@ -398,9 +388,7 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     lines += ["", "## Targets", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in result["verdicts"].items()]
     lines += ["", "## Reading it", "", *READING_NOTES]
-    md = out_dir / "drift.md"
-    md.write_text("\n".join(lines) + "\n")
-    return md, js
+    return write_record(out_dir, "drift", result, "\n".join(lines) + "\n")
 
 
 def _num(value: float | None, fmt: str, unit: str = " ms") -> str:
@@ -448,8 +436,6 @@ def command(
 
 def _command_line(values: dict[str, Any]) -> str:
     """`adaptserve bench drift` with the options of this run that differ from command()'s defaults."""
-    import inspect
-
     args = ["adaptserve bench drift"]
     for name, param in inspect.signature(command).parameters.items():
         value = values[name]
@@ -460,25 +446,10 @@ def _command_line(values: dict[str, Any]) -> str:
     return " ".join(args)
 
 
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _machine() -> str:
     """CPU model, cores and the load average at the end: this machine is shared, and load skews the timings."""
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = _cpus()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{cpu}, {cores} cores, load average {load}, Python {platform.python_version()}"
+    return f"{cpu_model()}, {usable_cores()} cores, load average {load}, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ benchmarks/results/poisoning.md and .json.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import platform
 import sys
+import tarfile
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -31,10 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.demo import DEMO_ENV, train_site_adapter  # noqa: E402
-from benchmarks.serve import ServeProcess  # noqa: E402
-from models import paths  # noqa: E402
+# run as a script (`python benchmarks/poisoning.py`): the project's packages are importable only from here on
+from benchmarks.demo import DEMO_ENV, png_b64, train_site_adapter  # noqa: E402
+from benchmarks.output import RESULTS, write_record  # noqa: E402
+from benchmarks.serve_process import ServeProcess  # noqa: E402
+from models import paths, settings  # noqa: E402
 from pipelines.data import digits_splits, write_image_folder  # noqa: E402
+from pipelines.labels import LabelStore  # noqa: E402
 from pipelines.shifts import shift_set  # noqa: E402
 
 TOKEN = "poisoning-bench-admin-token"
@@ -42,15 +45,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 N_POISON = 1200
 
 
-def _b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _register(url: str, adapter_dir: Path) -> None:
-    import tarfile
-
+    """POST the adapter as a tar.gz to /adapters/register as "site", promoted."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(adapter_dir, arcname="adapter")
@@ -63,7 +59,7 @@ def _accuracy(url: str, images, labels, target) -> tuple[float, set[int]]:
     """Share of images answered with `target(label)`, and the versions that answered."""
     hits, versions = 0, set()
     for i in range(0, len(images), 16):
-        r = httpx.post(f"{url}/predict", json={"images": [_b64(im) for im in images[i:i + 16]], "adapter": "site"},
+        r = httpx.post(f"{url}/predict", json={"images": [png_b64(im) for im in images[i:i + 16]], "adapter": "site"},
                        timeout=60).json()
         versions.add(r["version"])
         hits += sum(p["label"] == str(target(y)) for p, y in zip(r["predictions"], labels[i:i + 16], strict=True))
@@ -76,7 +72,8 @@ def _attack(url: str, pool) -> dict[int, int]:
     with httpx.Client(base_url=url, timeout=60) as client:
         for i in range(0, N_POISON, 8):
             idx = [(i + j) % len(pool.images) for j in range(8)]
-            r = client.post("/predict", json={"images": [_b64(pool.images[k]) for k in idx], "adapter": "site"}).json()
+            body = {"images": [png_b64(pool.images[k]) for k in idx], "adapter": "site"}
+            r = client.post("/predict", json=body).json()
             for p, k in zip(r["predictions"], idx, strict=True):
                 s = client.post("/feedback", json={"id": p["id"], "label": str((pool.labels[k] + 1) % 10)}).status_code
                 statuses[s] = statuses.get(s, 0) + 1
@@ -95,8 +92,7 @@ def _wait_for_job(url: str, timeout: float) -> dict | None:
 
 
 def run_case(name: str, work: Path, base: Path, adapter: Path, open_feedback: bool) -> dict:
-    from pipelines.labels import LabelStore
-
+    """One setting of the attack against a service of its own; what it stored, started and served after."""
     home = work / name / "home"
     home.mkdir(parents=True)
     env = {"ADAPTSERVE_HOME": str(home), "ADAPTSERVE_BASE_MODEL": str(base), "ADAPTSERVE_ADMIN_TOKEN": TOKEN,
@@ -134,9 +130,8 @@ def run_case(name: str, work: Path, base: Path, adapter: Path, open_feedback: bo
 
 
 def main() -> int:
-    import os
-
-    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or paths.default_model_dir())
+    """Both cases, then poisoning.json and .md in benchmarks/results; exit 1 when either served a new champion."""
+    base = settings.load().base_model or paths.default_model_dir()
     if not (base / "model.json").is_file():
         raise SystemExit(f"no base model at {base}: run `adaptserve pretrain` or set ADAPTSERVE_BASE_MODEL")
     results = []
@@ -147,8 +142,13 @@ def main() -> int:
         results.append(run_case("open-feedback-trusted-holdout", work, base, adapter, open_feedback=True))
     meta = {"command": "python benchmarks/poisoning.py", "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}"}
-    out = ROOT / "benchmarks" / "results"
-    (out / "poisoning.json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+    write_record(RESULTS, "poisoning", {**meta, "results": results}, _markdown(meta, results))
+    print(json.dumps(results))
+    return 0 if all(r["champion_after"] == 1 for r in results) else 1
+
+
+def _markdown(meta: dict, results: list[dict]) -> str:
+    """poisoning.md: one table row per case, then the gate's numbers of each case that ran a job."""
     lines = ["# Label poisoning, re-run end to end", "", f"`{meta['command']}` on {meta['date']} ({meta['machine']})",
              "", __doc__.split("\n\n")[1], "", "| case | feedback answers | labels stored | job | attacker's label on "
              "unseen inverted digits (before -> after) | clean accuracy after | champion after |", "|---|---|---|---|"
@@ -161,9 +161,7 @@ def main() -> int:
     for r in results:
         if r["job"] and r["job"]["gate"]:
             lines += ["", f"Gate numbers ({r['case']}):", "", "```", json.dumps(r["job"]["gate"], indent=1), "```"]
-    (out / "poisoning.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(results))
-    return 0 if all(r["champion_after"] == 1 for r in results) else 1
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -24,15 +24,40 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 import typer
 
+from benchmarks.machine import cpu_model
+from benchmarks.output import write_record
+from models.artifacts import load_adapter_model, load_model, save_adapter
 from models.metadata import AdapterMeta
-from pipelines.data import ImageSet
+from models.preprocessing import parse_augment
+from models.registry import AdapterRegistry, open_registry
+from models.samples import sample_path, save_image_set
+from pipelines.adapt import pretrain
+from pipelines.data import DataSplits, ImageSet, digits_splits
+from pipelines.evaluate import evaluate
+from pipelines.label_trust import Trust
+from pipelines.labels import LabelStore
+from pipelines.release import publish
+from pipelines.retrain import (
+    RetrainConfig,
+    RetrainResult,
+    challenger_from,
+    job_threads,
+    retrain,
+    split_labels,
+    torch_threads,
+)
+from pipelines.shifts import shift_set
+from pipelines.train import TrainConfig, fit, seed_everything
+from service.inputs import InputCache
 
 TARGETS = {"recovered_fraction": 0.9, "max_labels": 500, "max_source_drop_points": 1.0, "max_job_seconds": 180.0}
 
@@ -51,15 +76,10 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seed of the shift, the labelled sample and training"})
 
 
-def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, epochs: int) -> int:
+def _clean_champion(
+    base_dir: Path, registry: AdapterRegistry, work: Path, clean: ImageSet, cfg: RetrainConfig, epochs: int
+) -> int:
     """The site's current champion: a LoRA (the retrain config's rank/targets) trained briefly on clean digits."""
-    from models.artifacts import load_model, save_adapter
-    from models.preprocessing import parse_augment
-    from models.samples import sample_path, save_image_set
-    from pipelines.release import publish
-    from pipelines.retrain import challenger_from, split_labels
-    from pipelines.train import TrainConfig, fit, seed_everything
-
     base, meta = load_model(base_dir)
     prep = meta.preprocessing
     seed_everything(cfg.seed)
@@ -77,11 +97,8 @@ def _clean_champion(base_dir: Path, registry, work: Path, clean: ImageSet, cfg, 
     return publish(registry, "site", out, base_dir, promote=True).version
 
 
-def _accuracy(registry, base_dir: Path, dataset: ImageSet) -> float:
+def _accuracy(registry: AdapterRegistry, base_dir: Path, dataset: ImageSet) -> float:
     """The champion of "site" (as the registry serves it) on `dataset`."""
-    from models.artifacts import load_adapter_model, load_model
-    from pipelines.evaluate import evaluate
-
     base, meta = load_model(base_dir)
     champion = registry.champion("site")
     model, _ = load_adapter_model(champion.path, copy.deepcopy(base), meta)
@@ -90,10 +107,6 @@ def _accuracy(registry, base_dir: Path, dataset: ImageSet) -> float:
 
 def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> int:
     """Serve the stream through the input cache; label a seeded fraction by prediction id, as POST /feedback."""
-    from pipelines.label_trust import Trust
-    from pipelines.labels import LabelStore
-    from service.inputs import InputCache
-
     cache, store = InputCache(home), LabelStore(home)
     ids = [f"bench-{cfg.seed}-{i:05d}" for i in range(len(stream))]
     for a in range(0, len(ids), 64):  # request batches, as the service's background thread stores them
@@ -107,29 +120,28 @@ def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> i
     return store.count("site")
 
 
-def _stream(digits, cfg: BenchConfig) -> ImageSet:
+def _stream(digits: DataSplits, cfg: BenchConfig) -> ImageSet:
     """What the site serves after the shift: the digits train+val images, shifted (the test digits stay unseen)."""
-    from pipelines.shifts import shift_set
-
     both = ImageSet(digits.train.images + digits.val.images, digits.train.labels + digits.val.labels, digits.classes)
     return shift_set(both, cfg.shift, cfg.severity, seed=cfg.seed)
 
 
-def _timed_retrain(home: Path, base_dir: Path, retrain_cfg, say):
-    from pipelines.retrain import retrain
-
+def _timed_retrain(
+    home: Path, base_dir: Path, retrain_cfg: RetrainConfig, say: Callable[[str], None]
+) -> tuple[RetrainResult, float, float]:
+    """(the job's result, its wall seconds, its CPU seconds)."""
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     result = retrain(home, "site", base_dir=base_dir, cfg=retrain_cfg, progress=_say_progress(say))
     return result, time.perf_counter() - wall0, _cpu_seconds() - cpu0
 
 
-def run_bench(base_dir: Path | None, cfg: BenchConfig, retrain_cfg=None, say=print) -> dict[str, Any]:
+def run_bench(
+    base_dir: Path | None,
+    cfg: BenchConfig,
+    retrain_cfg: RetrainConfig | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The whole benchmark in a temp dir; returns the result row (see `_summary`)."""
-    from models.registry import open_registry
-    from pipelines.adapt import pretrain
-    from pipelines.data import digits_splits
-    from pipelines.retrain import RetrainConfig, job_threads, torch_threads
-
     retrain_cfg = retrain_cfg or RetrainConfig(seed=cfg.seed)
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-retrain-") as tmp:
         work = Path(tmp)
@@ -155,8 +167,6 @@ def run_bench(base_dir: Path | None, cfg: BenchConfig, retrain_cfg=None, say=pri
 def _shifted_test(test: ImageSet, cfg: BenchConfig) -> ImageSet:
     """The test split under `test_draws` independent draws of the shift (random noise, rotation sign): 359 test
     digits give 0.28-point steps, too coarse to measure a 90% recovery of a ~5-point loss; 3 draws give 1077."""
-    from pipelines.shifts import shift_set
-
     draws = [shift_set(test, cfg.shift, cfg.severity, seed=cfg.seed + 1000 + k) for k in range(cfg.test_draws)]
     return ImageSet(sum((d.images for d in draws), []), sum((d.labels for d in draws), []), test.classes)
 
@@ -166,7 +176,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _say_progress(say):
+def _say_progress(say: Callable[[str], None]) -> Callable[[float, str], None]:
+    """A progress callback for the job that says one line per tenth done."""
     last = [-1]
 
     def progress(fraction: float, message: str) -> None:
@@ -177,7 +188,10 @@ def _say_progress(say):
     return progress
 
 
-def _summary(cfg, before: dict, after: dict, labels: int, times: tuple, result, shifted_n: int) -> dict[str, Any]:
+def _summary(
+    cfg: BenchConfig, before: dict, after: dict, labels: int, times: tuple, result: RetrainResult, shifted_n: int
+) -> dict[str, Any]:
+    """The result row: accuracies before/after, the share of the shift's loss recovered, the job's cost, targets."""
     clean, shifted, retrained, source_after = before["clean"], before["shifted"], after["shifted"], after["clean"]
     lost = clean - shifted
     recovered = (retrained - shifted) / lost if lost > 0 else float("nan")
@@ -208,22 +222,11 @@ def _summary(cfg, before: dict, after: dict, labels: int, times: tuple, result, 
     return row
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> dict[str, Any]:
-    import torch
-
+    """Where the job ran: the CPU and the torch threads it trained with decide its wall seconds."""
     return {
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -232,8 +235,10 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def write_results(row: dict[str, Any], cfg: BenchConfig, retrain_cfg, out: Path, command: str) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def write_results(
+    row: dict[str, Any], cfg: BenchConfig, retrain_cfg: RetrainConfig, out: Path, command: str
+) -> tuple[Path, Path]:
+    """retrain.json (the row with its command, date, machine and both configs) and retrain.md; returns (md, json)."""
     record = {
         "command": command,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -243,10 +248,7 @@ def write_results(row: dict[str, Any], cfg: BenchConfig, retrain_cfg, out: Path,
         "targets": TARGETS,
         "result": row,
     }
-    (out / "retrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    md = out / "retrain.md"
-    md.write_text(_markdown(record))
-    return md, out / "retrain.json"
+    return write_record(out, "retrain", record, _markdown(record))
 
 
 def _markdown(rec: dict[str, Any]) -> str:
@@ -314,10 +316,6 @@ def command(
     out: Annotated[Path, typer.Option(help="where retrain.md / retrain.json go")] = Path("benchmarks/results"),
 ) -> None:
     """Benchmark feedback + retraining on the embedded task: shift, labels, retrain job, recovery, forgetting."""
-    from dataclasses import replace
-
-    from pipelines.retrain import RetrainConfig
-
     cfg = BenchConfig(shift, severity, feedback_fraction, max_labels, seed=seed, test_draws=test_draws)
     retrain_cfg = RetrainConfig(seed=seed)
     if epochs is not None:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.artifacts import MODEL_META, load_model, model_id, preprocessing_of, read_json
+from models.artifacts import load_model
 from models.export import merged_classifier, softmax
+from models.metadata import ModelMeta
 from models.preprocessing import Preprocessing
 from models.samples import find_samples, load_samples
 from monitoring.capture import reference_from_arrays
@@ -71,12 +72,12 @@ def base_reference_path(base_dir: Path, home: Path) -> Path:
     shipped = Path(base_dir) / REFERENCE_FILE
     if shipped.is_file():
         return shipped
-    key = model_id(read_json(Path(base_dir) / MODEL_META)).replace("@", "-")
+    key = ModelMeta.read(base_dir).model_id.replace("@", "-")
     return Path(home) / "references" / f"{key}.npz"
 
 
 def base_reference(base_dir: Path, home: Path) -> Path:
-    """The base model's drift reference (the reference of traffic served by the plain base, engine key ("base", 0)),
+    """The base model's drift reference (the reference of traffic served by the plain base, engine key BASE),
     computed from its `samples/reference.npz` on first use and cached (see base_reference_path)."""
     path = base_reference_path(base_dir, home)
     if path.is_file():
@@ -86,5 +87,5 @@ def base_reference(base_dir: Path, home: Path) -> Path:
                                 "reference from; rebuild it with `adaptserve pretrain --force`.")
     model, meta = load_model(base_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_reference(model, [Path(base_dir)], preprocessing_of(meta), path)
+    write_reference(model, [Path(base_dir)], meta.preprocessing, path)
     return path

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.serve import (
-    NOTES,
-    ROOT,
-    BenchConfig,
-    Promote,
-    Sample,
-    make_jpegs,
-    markdown,
-    phase_stats,
-    predict_bodies,
-    summarize,
-    swap_latencies,
-    write_results,
-)
+from benchmarks.hotswap import Promote, swap_latencies
+from benchmarks.loadgen import Sample, make_jpegs, phase_stats, predict_bodies
+from benchmarks.output import NOTES
+from benchmarks.serve import BenchConfig, summarize
+from benchmarks.serve_process import ROOT, ServeProcess
+from benchmarks.serve_report import markdown, write_results
 
 
 def _samples(rows: list[tuple[float, int]], adapter: str = "a") -> list[Sample]:
@@ -168,8 +160,6 @@ def test_worker_pids_skips_children_that_exited_unreaped(tmp_path: Path) -> None
     """A zombie under the server (e.g. a second job runner that found runner.lock taken) is not a worker, and
     asking for its command line must not fail the caller."""
     import psutil
-
-    from benchmarks.serve import ServeProcess
 
     server = ServeProcess({}, tmp_path)
     # the shell starts a child that exits at once, then becomes `sleep`, which never reaps it: a zombie
