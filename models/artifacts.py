@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.classifier import Classifier, build_classifier
+from models.lora import load_adapter
 from models.metadata import (
     ADAPTER_FILES,
     ADAPTER_META,
@@ -147,8 +148,6 @@ def load_adapter_model(adapter: str | Path, base: Classifier, base_meta: ModelMe
     """(`base` with the adapter at `adapter` applied, a peft.PeftModel in eval mode; the adapter's metadata).
 
     Refuses an adapter trained on another base model or whose weights file was altered."""
-    from models.lora import load_adapter
-
     meta = read_adapter_meta(adapter)
     if meta.base_model != base_meta.model_id:
         raise ArtifactError(f"adapter {adapter} was trained on {meta.base_model}, not on {base_meta.model_id}")

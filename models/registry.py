@@ -30,11 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from models import settings
-from models.files import copy_tree_durable, ensure_dir, file_sha256, fsync_dir, hash_tree, write_durable
-from models.metadata import ADAPTER_FILES, ADAPTER_META
+from models.adapter_dir import merge_metadata, validate_staged
+from models.files import copy_tree_durable, ensure_dir, file_sha256, fsync_dir, hash_tree
+from models.metadata import ADAPTER_FILES
 from models.registry_errors import (
     AdapterNotFoundError,
     ChampionDeleteError,
@@ -130,52 +129,6 @@ def _shorten(items: list[Any]) -> str:
     shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
     more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
     return f"[{shown}{more}]"
-
-
-def _read_json_object(path: Path, shown: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapterError(f"{shown} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise InvalidAdapterError(f"{shown} must contain a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _check_safetensors(path: Path, shown: Path) -> None:
-    """Parse the header only: cheap, and catches truncated or non-safetensors files before they are served."""
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            list(f.keys())
-    except Exception as e:  # SafetensorError has no stable public import path
-        raise InvalidAdapterError(f"{shown} is not a valid safetensors file: {e}") from e
-
-
-def _validate_staged(src: Path, stage: Path) -> dict[str, Any]:
-    """Validate the staged copy (not the source) so what we store is exactly what we checked."""
-    for fname in REQUIRED_FILES:
-        if not (stage / fname).is_file():
-            raise InvalidAdapterError(
-                f"adapter directory {src} is missing required file {fname!r} (needs {', '.join(REQUIRED_FILES)})"
-            )
-    _read_json_object(stage / "adapter_config.json", src / "adapter_config.json")
-    _check_safetensors(stage / "adapter_model.safetensors", src / "adapter_model.safetensors")
-    return _read_json_object(stage / ADAPTER_META, src / ADAPTER_META)
-
-
-def _merge_metadata(stage: Path, file_meta: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Shallow-merge the argument over metadata.json and write it back, so disk and DB tell the same story (an
-    AdapterMeta keeps keys it does not know, so a merged file still loads as one)."""
-    if not extra:
-        return file_meta
-    merged = {**file_meta, **extra}
-    try:
-        text = json.dumps(merged, indent=2, sort_keys=True)
-    except (TypeError, ValueError) as e:
-        raise InvalidAdapterError(f"metadata argument is not JSON-serializable: {e}") from e
-    os.unlink(stage / ADAPTER_META)
-    write_durable(stage / ADAPTER_META, text.encode("utf-8"))
-    return merged
 
 
 # --------------------------------------------------------------------------------------------- SQLite backend
@@ -306,7 +259,7 @@ class SQLiteRegistry(AdapterRegistry):
             raise InvalidAdapterError(f"metadata argument must be a mapping, got {type(metadata).__name__}")
         with staging_dir(self.tmp_dir) as stage:
             copy_tree_durable(src, stage)
-            merged = _merge_metadata(stage, _validate_staged(src, stage), metadata)
+            merged = merge_metadata(stage, validate_staged(src, stage), metadata)
             sha = hash_tree(stage)
             fsync_dir(stage)
             _crash_point("after_copy")

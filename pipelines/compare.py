@@ -8,9 +8,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from models.artifacts import load_model
 from models.strategies import STRATEGIES, AdaptConfig
 from pipelines.adapt import AdaptResult, adapt_model
 from pipelines.data import DataSplits, digits_splits, per_class_subset
+from pipelines.evaluate import evaluate
 from pipelines.shifts import shift_splits
 from pipelines.train import TrainConfig
 
@@ -59,9 +61,6 @@ def run_compare(
 
 def no_adaptation_row(base_dir: Path, target: DataSplits, source: DataSplits | None) -> dict:
     """The source model as it is, on the target: how much the domain shift costs before any adaptation."""
-    from models.artifacts import load_model
-    from pipelines.evaluate import evaluate
-
     model, meta = load_model(base_dir)
     prep = meta.preprocessing
     same = tuple(target.classes) == meta.classes

@@ -40,16 +40,19 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from models import settings
+from models import paths, settings
 from models.artifacts import load_adapter_model, load_model, save_adapter
 from models.metadata import AdapterMeta, ModelMeta
+from models.preprocessing import parse_augment
 from models.registry import AdapterNotFoundError, AdapterVersion, open_registry
 from models.samples import find_samples, load_samples, sample_path, save_image_set
 from models.strategies import LORA_TARGETS, Adaptation, AdaptConfig, adapt
 from pipelines.data import ImageSet
 from pipelines.evaluate import Metrics, evaluate
+from pipelines.gate import gate
 from pipelines.label_trust import Trust
 from pipelines.labels import LabelSplit, LabelStore
+from pipelines.release import publish
 from pipelines.train import TrainConfig, fit, resolve_device, seed_everything
 
 Progress = Callable[[float, str], None]
@@ -286,31 +289,6 @@ class _FitProgress:
             self.train_cfg.patience = 0
 
 
-# --------------------------------------------------------------------------------------------- gate
-
-
-def gate(numbers: dict[str, Any], cfg: RetrainConfig) -> tuple[bool, str]:
-    """(passed, reason): beat the champion on the target holdout by `margin` points, lose at most
-    `max_source_drop` points on the source holdout."""
-    gain = 100 * (numbers["challenger_target_acc"] - numbers["champion_target_acc"])
-    drop = 100 * (numbers["champion_source_acc"] - numbers["challenger_source_acc"])
-    numbers.update(target_gain_points=round(gain, 2), source_drop_points=round(drop, 2))
-    target = (
-        f"target holdout {100 * numbers['challenger_target_acc']:.1f}% vs champion "
-        f"{100 * numbers['champion_target_acc']:.1f}% ({gain:+.1f} points, needs >= +{cfg.margin:g} and > 0)"
-    )
-    source = (
-        f"source holdout {100 * numbers['challenger_source_acc']:.1f}% vs champion "
-        f"{100 * numbers['champion_source_acc']:.1f}% ({-drop:+.1f} points, may lose at most {cfg.max_source_drop:g})"
-    )
-    fails = [
-        s for s, ok in ((target, gain >= cfg.margin and gain > 0), (source, drop <= cfg.max_source_drop)) if not ok
-    ]
-    if fails:
-        return False, "rejected: " + "; ".join(fails)
-    return True, f"promoted: {target}; {source}"
-
-
 # --------------------------------------------------------------------------------------------- the job
 
 
@@ -386,8 +364,6 @@ def _prepare(registry, home: Path, adapter: str, base_dir: Path, cfg: RetrainCon
 
 def _train(job: _Inputs, cfg: RetrainConfig, progress: Progress | None, deadline: float) -> tuple[nn.Module, dict]:
     """Train the challenger on (labels + replay); returns it (eval mode) and the training numbers."""
-    from models.preprocessing import parse_augment
-
     seed_everything(cfg.seed)  # a fresh adapter's LoRA matrices are initialised before fit()
     adaptation = challenger_from(copy.deepcopy(job.base), job.champion, cfg)
     fit_train, fit_val = split_labels(job.labels_train, cfg.val_fraction, cfg.seed)
@@ -442,8 +418,6 @@ def _publish(
     registry, adapter: str, job: _Inputs, challenger: nn.Module, cfg: RetrainConfig, numbers: dict, metrics: dict
 ) -> AdapterVersion:
     """Save the challenger as a PEFT adapter with its reference samples, then publish + promote (a hot swap)."""
-    from pipelines.release import publish
-
     meta = AdapterMeta.for_base(
         job.base_meta,
         parent=f"{job.champion.name}@v{job.champion.version}" if job.champion else None,  # None: the base
@@ -475,8 +449,6 @@ def retrain(
     Without `cfg`, the ADAPTSERVE_RETRAIN_* settings decide (`RetrainConfig.from_env`): a job process inherits its
     runner's environment. Raises RetrainError when the job cannot run (too few labels, a base model without
     samples)."""
-    from models import paths
-
     cfg = cfg or RetrainConfig.from_env()
     with torch_threads(job_threads(cfg.threads)) as threads:
         result = _run(Path(home), adapter, Path(base_dir or paths.default_model_dir()), cfg, progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from typing import Annotated, Any
 
 import bentoml
@@ -19,13 +20,19 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, HTMLResponse
 
 from models import settings
+from models.archive import extract
 from models.metadata import BASE, AdapterMeta
 from models.registry import MAX_VERSION, NAME_PATTERN, AdapterVersion
+from monitoring.dashboard import jsonable, render_dashboard
+from pipelines.label_trust import Trust
 from service import errors
 from service.auth import Authenticator, Principal
+from service.background import RunnerSupervisor
 from service.http import BodyLimitMiddleware, ReadinessMiddleware
+from service.views import dashboard_data
 
 log = logging.getLogger("adaptserve")
 api = FastAPI(title="adaptserve", description="Adapters, status and admin routes")
@@ -75,7 +82,8 @@ class FeedbackRequest(BaseModel):
 @bentoml.asgi_app(api, path="/")
 class AdaptServe:
     def __init__(self) -> None:
-        # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode
+        # heavy imports here, in the worker, after BentoML set up Prometheus multiprocess mode: the runtime loads
+        # torch and ONNX Runtime, the stores torch's preprocessing; BentoML's arbiter imports this module too
         from pipelines.jobs import JobStore
         from pipelines.labels import LabelStore
         from pipelines.schedules import ScheduleStore
@@ -103,8 +111,6 @@ class AdaptServe:
         if self.rt.monitor is not None:
             self.rt.monitor.start()  # scheduled drift checks, in one worker only (it takes a lock)
         if self.cfg.job_runner:
-            from service.background import RunnerSupervisor
-
             env = dict(os.environ, ADAPTSERVE_HOME=str(self.cfg.home), ADAPTSERVE_BASE_MODEL=str(self.cfg.base_model))
             self.supervisor = RunnerSupervisor(self.cfg.home, env).start()
 
@@ -125,7 +131,7 @@ class AdaptServe:
 
     async def _export_job_counts(self) -> None:
         """Jobs run in the runner process; their counts reach Prometheus through the workers' /metrics."""
-        from service import metrics
+        from service import metrics  # prometheus_client: only after BentoML set up multiprocess mode
 
         while True:
             try:
@@ -150,7 +156,7 @@ class AdaptServe:
         top_k: Annotated[int, Field(description="labels to return per image")] = 1,
     ) -> dict:
         """Classify images with the champion version of `adapter`."""
-        from service.decode import decode_images_and_bytes
+        from service.decode import decode_images_and_bytes  # torch (preprocessing): in the worker only
 
         self._require(ctx.request.headers.get("authorization"), "client", "prediction")
         decoded, blobs = await asyncio.to_thread(decode_images_and_bytes, images, self.limits)
@@ -165,7 +171,7 @@ class AdaptServe:
         authorization: Authorization = None,
     ) -> Any:
         """One image as a multipart file upload (`curl -F file=@cat.jpg`)."""
-        from service.decode import decode_upload
+        from service.decode import decode_upload  # torch (preprocessing): in the worker only
 
         self._require(authorization, "client", "prediction")
         data = await file.read()
@@ -243,10 +249,7 @@ class AdaptServe:
     def _register(self, name: str, archive: UploadFile, promote: bool) -> Any:
         """Extract within the archive limits into a staging dir under the registry home (swept if this worker is
         killed), then publish: verified ONNX, drift reference, registration."""
-        import shutil
-
-        from models.archive import extract
-        from pipelines.release import publish
+        from pipelines.release import publish  # torch and onnx: loaded by the first registration, in the worker
 
         with self.rt.registry.staging() as tmp:
             upload = tmp / "upload"
@@ -265,8 +268,7 @@ class AdaptServe:
         return await asyncio.to_thread(self._feedback, body, who)
 
     def _feedback(self, body: FeedbackRequest, who: Principal) -> Any:
-        from pipelines.label_trust import Trust
-        from service.decode import decode_one
+        from service.decode import decode_one  # torch (preprocessing): loaded in the worker, not the arbiter
 
         if (body.id is None) == (body.image is None):
             raise errors.BadRequestError(
@@ -372,8 +374,6 @@ class AdaptServe:
     @api.get("/drift/report")
     def drift_report(self, adapter: AdapterQuery, authorization: Authorization = None) -> Any:
         """The latest Evidently report of `adapter` (HTML)."""
-        from starlette.responses import FileResponse
-
         self._require(authorization, "client", "reading drift reports")
         path = self._monitor().report_path(adapter)
         if path is None:
@@ -389,11 +389,6 @@ class AdaptServe:
     ) -> Any:
         """Drift, confidence, classes, versions and retrain events per adapter; one offline HTML page that
         refreshes itself from /dashboard/data every `refresh_s` seconds (0: never)."""
-        from starlette.responses import HTMLResponse
-
-        from monitoring.dashboard import jsonable, render_dashboard
-        from service.views import dashboard_data
-
         self._require(authorization, "client", "the dashboard")
         if refresh_s < 0:
             raise errors.BadRequestError(f"refresh_s must be >= 0 (0 turns live refresh off), got {refresh_s}")
@@ -402,9 +397,6 @@ class AdaptServe:
 
     @api.get("/dashboard/data")
     def dashboard_json(self, authorization: Authorization = None) -> Any:
-        from monitoring.dashboard import jsonable
-        from service.views import dashboard_data
-
         self._require(authorization, "client", "the dashboard")
         return jsonable(dashboard_data(self))
 

@@ -25,9 +25,11 @@ from models.export import softmax
 from models.metadata import BASE, BASE_NAME, ModelMeta
 from models.registry import AdapterNotFoundError, CorruptAdapterError, RegistryError, open_registry
 from service import metrics
+from service.background import OffPath
 from service.config import ServiceConfig
 from service.engine import Engine, Key, OnnxEngine, TorchEngine
 from service.errors import ConflictError, OverloadedError, UnknownAdapterError
+from service.inputs import InputCache
 
 log = logging.getLogger("adaptserve")
 RETRY_S = 10.0  # how often a worker retries loading a champion that failed to load
@@ -102,6 +104,7 @@ class Runtime:
         metrics.record_precision(BASE, self.served(*BASE))
 
     def _make_monitor(self):
+        # scipy and the capture stores: loaded only when monitoring is on (ADAPTSERVE_MONITOR=1)
         from monitoring.config import MonitorConfig
         from monitoring.monitor import DriftMonitor
 
@@ -111,9 +114,6 @@ class Runtime:
         """Recent inputs by prediction id, so POST /feedback can label a prediction; written off the hot path."""
         if not self.cfg.feedback_max:
             return None, None
-        from service.background import OffPath
-        from service.inputs import InputCache
-
         cache = InputCache(self.cfg.home, ttl_s=self.cfg.feedback_ttl_s, max_items=self.cfg.feedback_max)
         return cache, OffPath("feedback-inputs")
 

@@ -11,9 +11,10 @@ import pytest
 from models.registry import open_registry
 from models.settings import SettingsError
 from pipelines.data import digits_splits
+from pipelines.gate import gate
 from pipelines.label_trust import Trust
 from pipelines.labels import LabelStore
-from pipelines.retrain import RetrainConfig, RetrainError, gate, retrain
+from pipelines.retrain import RetrainConfig, RetrainError, retrain
 from pipelines.runner import JobRunner
 from pipelines.shifts import shift_set
 
@@ -103,7 +104,7 @@ def test_config_defaults_are_the_settings_and_from_env_reads_them(monkeypatch: p
     monkeypatch.setenv("ADAPTSERVE_RETRAIN_MARGIN", "-1")
     with pytest.raises(SettingsError) as err:
         RetrainConfig.from_env()
-    assert str(err.value) == "ADAPTSERVE_RETRAIN_MARGIN='-1' must be >= 0.0"
+    assert str(err.value) == "ADAPTSERVE_RETRAIN_MARGIN='-1' must be >= 0.0 (default 1.0)"
 
 
 def test_a_runner_started_with_retrain_settings_gates_its_jobs_with_them(
