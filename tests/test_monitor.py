@@ -1,5 +1,6 @@
 """The drift monitor: capture off the hot path, checks against the version's reference, history, gauges, reports,
-one scheduling leader per state dir."""
+one scheduled checker per adapter. The history and scheduling tests run on SQLite and PostgreSQL; the others on the
+embedded SQLite default (tests/test_monitor_db.py has the stores' own tests on both)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy.engine import make_url
 
-from models import settings
+from models import migrations, settings
 from models.artifacts import load_model, preprocessing_of
 from models.export import session
 from models.registry import open_registry
+from models.state import close_all
 from monitoring.capture import keep_sample
 from monitoring.config import MonitorConfig
 from monitoring.errors import NoReferenceError, NotEnoughRecordsError, UnknownAdapterError
@@ -48,6 +52,21 @@ def traffic(_service_home_template: Path, source_model: Path) -> dict[str, Any]:
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         out[name] = (list(images), z / z.sum(axis=1, keepdims=True), emb)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _close_databases() -> Iterator[None]:
+    yield
+    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
+
+
+@pytest.fixture
+def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """sqlite: ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db); postgresql: a fresh database at head."""
+    if make_url(db_url).get_backend_name() == "postgresql":
+        migrations.upgrade(db_url)
+        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    return db_url
 
 
 def _cfg(**overrides: Any) -> MonitorConfig:
@@ -91,7 +110,7 @@ def test_clean_traffic_passes_noisy_traffic_alarms(service_home: Path, source_mo
 
 
 def test_history_survives_a_new_monitor_and_reads_without_one(service_home: Path, source_model: Path,
-                                                              traffic: dict) -> None:
+                                                              traffic: dict, backend: str) -> None:
     with _monitor(service_home, source_model) as monitor:
         _send(monitor, traffic, "noisy")
         monitor.flush()
@@ -281,7 +300,7 @@ def _wait(condition, timeout: float = 20.0) -> bool:
     return False
 
 
-def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path, traffic: dict) -> None:
+def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path, traffic: dict, backend: str) -> None:
     first = _monitor(service_home, source_model, interval_s=0.1)
     second = _monitor(service_home, source_model, interval_s=0.1)
     try:
@@ -296,7 +315,7 @@ def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path
         _send(first, traffic, "noisy", n=40)
         first.flush()
         assert _wait(lambda: first.scheduled_checks == 2)
-        first.close()  # releases the lock: the other worker takes over
+        first.close()  # gives its lease back: the other worker takes over
         assert _wait(lambda: second.is_leader and second.scheduled_checks == 1)
         assert len(second.history("site-a")) == 3
     finally:
