@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,8 +203,7 @@ class CaptureStore:
         self.database = open_state(self.home)
         self._import_legacy()
         with self.database.read() as conn:
-            self._counts: dict[str, int] = dict(conn.execute(  # type: ignore[arg-type]
-                select(_T.c.adapter, func.count()).group_by(_T.c.adapter)).all())
+            self._counts = {a: n for a, n in conn.execute(select(_T.c.adapter, func.count()).group_by(_T.c.adapter))}
 
     # --------------------------------------------------------------------------------------- plumbing
 
@@ -219,11 +218,9 @@ class CaptureStore:
         with self.database.write(lock=CAPTURE_LOCK, durable=False) as conn:
             yield conn
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self) -> AbstractContextManager[Connection]:
         self._check_open()
-        with self.database.read() as conn:
-            yield conn
+        return self.database.read()
 
     def _import_legacy(self) -> None:
         """Copy `<home>/capture.db` (the table `records`) in once, then rename it; one stat when there is none."""

@@ -78,12 +78,13 @@ def _monitor(home: Path, base: Path, **overrides: Any) -> DriftMonitor:
 
 
 def _send(monitor: DriftMonitor, traffic: dict[str, Any], kind: str, n: int = 200, adapter: str = "site-a",
-          version: int = 1, per_request: int = 8) -> None:
-    """Record n predictions as the runtime does: one record() per request of `per_request` images."""
+          version: int = 1, per_request: int = 8, replica: str = "") -> None:
+    """Record n predictions as the runtime does: one record() per request of `per_request` images; `replica`
+    prefixes the ids (each replica serves its own requests)."""
     images, probs, emb = traffic[kind]
     for start in range(0, n, per_request):
         end = min(start + per_request, n)
-        ids = [f"{kind}-{adapter}-{version}-{i}" for i in range(start, end)]
+        ids = [f"{replica}{kind}-{adapter}-{version}-{i}" for i in range(start, end)]
         monitor.record(adapter, version, ids, images[start:end], probs[start:end], emb[start:end])
 
 
@@ -321,6 +322,70 @@ def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path
     finally:
         first.close()
         second.close()
+
+
+@pytest.fixture
+def shared_url(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """One database for every home of the test, as replicas have: ADAPTSERVE_DATABASE_URL names a shared SQLite
+    file or a PostgreSQL database at head."""
+    if make_url(db_url).get_backend_name() == "postgresql":
+        migrations.upgrade(db_url)
+    monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    return db_url
+
+
+@pytest.fixture
+def second_home(_service_home_template: Path, tmp_path: Path) -> Path:
+    """Another replica's state dir: the same adapters, its own registry and files."""
+    import shutil
+
+    return Path(shutil.copytree(_service_home_template, tmp_path / "svc2"))
+
+
+def test_replicas_on_one_database_check_all_their_traffic(service_home: Path, second_home: Path,
+                                                          source_model: Path, traffic: dict, shared_url: str) -> None:
+    with _monitor(service_home, source_model) as one, _monitor(second_home, source_model) as two:
+        _send(one, traffic, "clean", n=120, replica="r1-")
+        _send(two, traffic, "clean", n=80, replica="r2-")
+        assert one.flush() and two.flush()
+        result = one.check("site-a")
+        assert (result["window_size"], one.store.count("site-a"), two.store.count("site-a")) == (200, 200, 200)
+        assert two.history("site-a") == [result] and two.latest("site-a") == result and two.adapters() == ["site-a"]
+
+
+def test_replicas_scheduling_one_adapter_run_one_check_per_interval(service_home: Path, second_home: Path,
+                                                                   source_model: Path, traffic: dict,
+                                                                   shared_url: str) -> None:
+    with (_monitor(service_home, source_model, interval_s=10) as one,
+          _monitor(second_home, source_model, interval_s=10) as two):
+        _send(one, traffic, "clean", n=120, replica="r1-")
+        assert one.flush()
+        t0 = time.time()
+        assert len(one.run_scheduled(t0)) == 1 and two.run_scheduled(t0) == []
+        _send(two, traffic, "noisy", n=80, replica="r2-")  # new records: due at the next interval, not before
+        assert two.flush()
+        assert one.run_scheduled(t0 + 5) == [] and two.run_scheduled(t0 + 5) == []
+        assert two.run_scheduled(t0 + 10) == []  # the holder is alive: it keeps the adapter
+        [again] = one.run_scheduled(t0 + 10)
+        assert again["window_size"] == 200 and again["drift"] is True  # the other replica's noisy traffic is in it
+        assert one.is_leader and not two.is_leader and (one.scheduled_checks, two.scheduled_checks) == (2, 0)
+
+        one.leases.release()  # e.g. shutting down: from the next interval on, either may win it
+        _send(two, traffic, "noisy", n=40, replica="r3-")
+        assert two.flush()
+        results: list[list[dict[str, Any]]] = []
+        start = threading.Barrier(2)
+
+        def tick(monitor: DriftMonitor) -> None:
+            start.wait()
+            results.append(monitor.run_scheduled(t0 + 20))
+
+        threads = [threading.Thread(target=tick, args=(m,)) for m in (one, two)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(len(r) for r in results) == [0, 1] and len(two.history("site-a")) == 3
 
 
 def test_config_from_env_and_the_settings_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
