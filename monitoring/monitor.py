@@ -112,6 +112,7 @@ class DriftMonitor:
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
         self._last_checked: dict[str, tuple[Key, str]] = {}
+        self._leading: set[str] = set()  # adapters whose lease this monitor has won (logged once each)
         self.scheduled_checks = 0
         self._closed = False
 
@@ -411,6 +412,9 @@ class DriftMonitor:
             # renewed at every tick, new records or not: the holder stays the one that knows what it last checked
             if not self.leases.acquire(adapter, now):
                 continue
+            if adapter not in self._leading:
+                self._leading.add(adapter)
+                log.info("drift monitor: %s runs the scheduled drift checks of %s", self.leases.holder, adapter)
             try:
                 key = self._resolve(adapter, None)
                 newest = self.store.window_records(adapter, 1, version=key[1])
