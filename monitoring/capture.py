@@ -4,8 +4,10 @@ Each record holds what the drift monitor compares with an adapter version's refe
 embedding from the same forward pass, the image statistics (STAT_NAMES), top-1 confidence, entropy and the
 predicted class, plus adapter, version, time and prediction id.
 
-* CaptureStore: one SQLite table in WAL mode, bounded per adapter (max_per_adapter newest rows, retention_s), so
-  a restart finds the recent windows where it left them. window() returns a ReferenceSet for DriftDetector.check.
+* CaptureStore: the capture_records table of the state database (monitoring.tables), bounded per adapter
+  (max_per_adapter newest rows, retention_s), so a restart finds the recent windows where it left them, and every
+  replica on one ADAPTSERVE_DATABASE_URL sees the others' traffic. window() returns a ReferenceSet for
+  DriftDetector.check.
 * AsyncCapture: the request thread only samples (deterministically by prediction id) and enqueues; a daemon
   thread (models.background.BackgroundWorker) batches the inserts. submit() never blocks: when the bounded queue
   is full, records are dropped and counted, because losing monitoring samples is better than slowing down or
@@ -23,29 +25,35 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import Connection, delete, func, select
 
 from models.background import BackgroundWorker
-from models.sqlite import transaction
+from models.db import redact
+from models.state import open_state
 from monitoring.detectors import ReferenceSet
 from monitoring.image_stats import STAT_NAMES
+from monitoring.legacy import read_rows, retire
+from monitoring.tables import CAPTURE_LOCK, capture_records, insert_new
 
 log = logging.getLogger(__name__)
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _DTYPE_CODES = {"float16": "f2", "float32": "f4"}
-_SCHEMA_VERSION = 1
-_COLUMNS = ("prediction_id, adapter, version, created_at, predicted, label, confidence, entropy, stats, emb_dtype, "
-            "embedding")
+LEGACY_FILE = "capture.db"  # where a home kept its records before the state database
+_T = capture_records
+# a stored record's fields in the order _decode and _to_reference read them
+_FIELDS = ("prediction_id", "adapter", "version", "created_at", "predicted", "label", "confidence", "entropy", "stats",
+           "emb_dtype", "embedding")
+_COLUMNS = tuple(_T.c[name] for name in _FIELDS)
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -154,91 +162,87 @@ def keep_sample(prediction_id: str, sample_rate: float) -> bool:
 
 
 class CaptureStore:
-    """Durable, bounded store of PredictionRecords: one SQLite table (WAL), thread-safe behind one lock.
+    """Durable, bounded store of PredictionRecords: the capture_records table of the home's state database
+    (models.state.open_state: every replica on one ADAPTSERVE_DATABASE_URL shares it), thread-safe.
 
     Bounds, per adapter: at most max_per_adapter newest records (by created_at) and none older than retention_s.
     Pruning is amortised: an adapter is trimmed when it exceeds max_per_adapter by prune_slack (10% by default),
     so it holds at most max_per_adapter * (1 + prune_slack) rows between trims; records past retention are
     deleted at most every retention_check_s during writes. prune() does both now.
 
-    Durability: WAL with synchronous=NORMAL. A committed batch survives a crash or kill of the process; a power
-    loss may lose the last few batches but never corrupts the database (monitoring data, not the registry).
-    Several processes may share the file (SQLite locking); each prunes on its own view of the counts.
+    Durability: each batch is one non-durable write (models.db `durable=False`): a committed batch survives a crash
+    or kill -9 of the process, a power loss may lose the last few batches (monitoring data, not the registry).
+    Writers of every process take the CAPTURE_LOCK one at a time; each prunes on its own view of the counts (one
+    trim recounts from the table). Opening imports a legacy `<home>/capture.db` once.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        home: str | Path,
         max_per_adapter: int = 5000,
         retention_s: float = 7 * 86400,
         *,
         embedding_dtype: str = "float16",
         prune_slack: float = 0.1,
         retention_check_s: float | None = None,
-        timeout_s: float = 30.0,
     ) -> None:
         if max_per_adapter < 1 or retention_s <= 0 or prune_slack < 0:
             raise ValueError(f"need max_per_adapter >= 1, retention_s > 0 and prune_slack >= 0, got "
                              f"{max_per_adapter}, {retention_s} and {prune_slack}.")
         if embedding_dtype not in _DTYPE_CODES:
             raise ValueError(f"embedding_dtype must be one of {sorted(_DTYPE_CODES)}, got {embedding_dtype!r}.")
-        self.path = Path(path)
+        self.home = Path(home)
         self.max_per_adapter = int(max_per_adapter)
         self.retention_s = float(retention_s)
         self.embedding_dtype = embedding_dtype
         self._trim_at = self.max_per_adapter + max(1, int(self.max_per_adapter * prune_slack))
         self._retention_check_s = min(60.0, self.retention_s / 10) if retention_check_s is None else retention_check_s
         self._last_retention = 0.0
-        self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._create_schema()
-        self._counts: dict[str, int] = dict(self._db.execute(
-            "SELECT adapter, COUNT(*) FROM records GROUP BY adapter").fetchall())
+        self._lock = threading.Lock()  # this process's counts and retention clock change with each commit
+        self._closed = False
+        self.database = open_state(self.home)
+        self._import_legacy()
+        with self.database.read() as conn:
+            self._counts = {a: n for a, n in conn.execute(select(_T.c.adapter, func.count()).group_by(_T.c.adapter))}
 
     # --------------------------------------------------------------------------------------- plumbing
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError(f"CaptureStore({self.path}) is closed; open a new one.")
-        return self._conn
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"CaptureStore({self.home}) is closed; open a new one.")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, transaction(self._db) as conn:
+    def _write(self) -> Iterator[Connection]:
+        """One write of this store; the caller holds self._lock (the counts it changes are published after commit)."""
+        self._check_open()
+        with self.database.write(lock=CAPTURE_LOCK, durable=False) as conn:
             yield conn
 
-    def _create_schema(self) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS records ("
-                " seq INTEGER PRIMARY KEY,"
-                " prediction_id TEXT NOT NULL UNIQUE,"
-                " adapter TEXT NOT NULL,"
-                " version INTEGER NOT NULL,"
-                " created_at REAL NOT NULL,"
-                " predicted INTEGER NOT NULL,"
-                " label TEXT NOT NULL,"
-                " confidence REAL NOT NULL,"
-                " entropy REAL NOT NULL,"
-                " stats BLOB NOT NULL,"  # float64 x len(STAT_NAMES), STAT_NAMES order
-                " emb_dtype TEXT NOT NULL,"  # 'f2' or 'f4' (little-endian), see the module docstring
-                " embedding BLOB NOT NULL)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS records_by_adapter_time ON records (adapter, created_at)")
-            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+    def _read(self) -> AbstractContextManager[Connection]:
+        self._check_open()
+        return self.database.read()
 
-    def _encode(self, r: PredictionRecord) -> tuple[Any, ...]:
+    def _import_legacy(self) -> None:
+        """Copy `<home>/capture.db` (the table `records`) in once, then rename it; one stat when there is none."""
+        path = self.home / LEGACY_FILE
+        if not path.is_file():
+            return
+        with self._lock, self._write() as conn:
+            rows = read_rows(path, "records", _FIELDS, "seq")
+            if rows is None:  # another process imported it while this one waited for the lock
+                return
+            copied = _insert_new(conn, rows)  # a prediction id already there (an earlier, interrupted import) stays
+        log.info("capture: imported %d of %d records from %s into %s; the file is now %s", copied, len(rows), path,
+                 redact(self.database.url), retire(path))
+
+    def _encode(self, r: PredictionRecord) -> dict[str, Any]:
         code = _DTYPE_CODES[self.embedding_dtype]
         if code == "f2" and r.embedding.size and float(np.abs(r.embedding).max()) > _FLOAT16_MAX:
             code = "f4"  # would overflow to inf in float16
-        blob = r.embedding.astype("<" + code).tobytes()
-        return (r.prediction_id, r.adapter, int(r.version), float(r.created_at), int(r.predicted), str(r.label),
-                float(r.confidence), float(r.entropy), r.stats.astype("<f8").tobytes(), code, blob)
+        values = (r.prediction_id, r.adapter, int(r.version), float(r.created_at), int(r.predicted), str(r.label),
+                  float(r.confidence), float(r.entropy), r.stats.astype("<f8").tobytes(), code,
+                  r.embedding.astype("<" + code).tobytes())
+        return dict(zip(_FIELDS, values, strict=True))
 
     @staticmethod
     def _embeddings(codes: Sequence[str], blobs: Sequence[bytes]) -> np.ndarray:
@@ -270,7 +274,7 @@ class CaptureStore:
 
         A known prediction_id is ignored (retries are idempotent); records with NaN/inf features are skipped.
         """
-        by_adapter: dict[str, list[tuple[Any, ...]]] = {}
+        by_adapter: dict[str, list[dict[str, Any]]] = {}
         skipped = 0
         for r in records:
             if not _finite(r):
@@ -282,61 +286,67 @@ class CaptureStore:
         if not by_adapter:
             return 0
         inserted = 0
-        with self._transaction() as conn:
-            for adapter, rows in by_adapter.items():
-                cur = conn.executemany(f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                                       rows)
-                self._counts[adapter] = self._counts.get(adapter, 0) + max(cur.rowcount, 0)
-                inserted += max(cur.rowcount, 0)
-                if self._counts[adapter] > self._trim_at:
-                    self._trim(conn, adapter)
-            now = time.time()
-            if now - self._last_retention >= self._retention_check_s:
-                self._expire(conn, now)
+        with self._lock:
+            counts, now = dict(self._counts), time.time()
+            expire = now - self._last_retention >= self._retention_check_s
+            with self._write() as conn:
+                for adapter, rows in by_adapter.items():
+                    new = _insert_new(conn, rows)
+                    counts[adapter] = counts.get(adapter, 0) + new
+                    inserted += new
+                    if counts[adapter] > self._trim_at:
+                        self._trim(conn, adapter, counts)
+                if expire:
+                    self._expire(conn, now, counts)
+            self._counts = counts
+            if expire:
+                self._last_retention = now
         return inserted
 
     def add(self, record: PredictionRecord) -> int:
         return self.add_many([record])
 
-    def _trim(self, conn: sqlite3.Connection, adapter: str) -> None:
-        """Delete all but the newest max_per_adapter records of an adapter (index range scan + rowid deletes)."""
-        conn.execute(
-            "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE adapter = ? "
-            "ORDER BY created_at DESC, seq DESC LIMIT -1 OFFSET ?)", (adapter, self.max_per_adapter))
-        count = conn.execute("SELECT COUNT(*) FROM records WHERE adapter = ?", (adapter,)).fetchone()[0]
-        self._counts[adapter] = count
+    def _trim(self, conn: Connection, adapter: str, counts: dict[str, int]) -> int:
+        """Delete all but the newest max_per_adapter records of an adapter (index range scan + primary key deletes);
+        recounts it. Returns rows deleted."""
+        older = (select(_T.c.seq).where(_T.c.adapter == adapter)
+                 .order_by(_T.c.created_at.desc(), _T.c.seq.desc()).offset(self.max_per_adapter))
+        deleted = conn.execute(delete(_T).where(_T.c.seq.in_(older.scalar_subquery()))).rowcount
+        counts[adapter] = conn.execute(select(func.count()).where(_T.c.adapter == adapter)).scalar_one()
+        return deleted
 
-    def _expire(self, conn: sqlite3.Connection, now: float) -> None:
-        cutoff = now - self.retention_s
-        for adapter in [row[0] for row in conn.execute("SELECT DISTINCT adapter FROM records")]:
-            deleted = conn.execute("DELETE FROM records WHERE adapter = ? AND created_at < ?", (adapter, cutoff))
-            if deleted.rowcount:
-                self._counts[adapter] = max(self._counts.get(adapter, 0) - deleted.rowcount, 0)
-        self._last_retention = now
+    def _expire(self, conn: Connection, now: float, counts: dict[str, int]) -> int:
+        """Delete every record older than retention_s; returns rows deleted."""
+        cutoff, total = now - self.retention_s, 0
+        for adapter in conn.scalars(select(_T.c.adapter).distinct()).all():
+            deleted = conn.execute(delete(_T).where(_T.c.adapter == adapter, _T.c.created_at < cutoff)).rowcount
+            if deleted:
+                counts[adapter] = max(counts.get(adapter, 0) - deleted, 0)
+                total += deleted
+        return total
 
     def prune(self, now: float | None = None) -> int:
         """Apply both bounds now (retention relative to `now`, default time.time()); returns rows deleted."""
-        with self._transaction() as conn:
-            before = conn.total_changes
-            self._expire(conn, time.time() if now is None else now)
-            for adapter in [row[0] for row in conn.execute("SELECT DISTINCT adapter FROM records")]:
-                self._trim(conn, adapter)
-            return conn.total_changes - before
+        with self._lock:
+            counts = dict(self._counts)
+            with self._write() as conn:
+                deleted = self._expire(conn, time.time() if now is None else now, counts)
+                for adapter in conn.scalars(select(_T.c.adapter).distinct()).all():
+                    deleted += self._trim(conn, adapter, counts)
+            self._counts = counts
+        return deleted
 
     # ------------------------------------------------------------------------------------------- reads
 
-    def _select(self, adapter: str, n: int, version: int | None, since: float | None) -> list[tuple[Any, ...]]:
-        where, args = ["adapter = ?"], [adapter]
+    def _select(self, adapter: str, n: int, version: int | None, since: float | None) -> list[Sequence[Any]]:
+        query = select(*_COLUMNS).where(_T.c.adapter == adapter)
         if version is not None:
-            where.append("version = ?")
-            args.append(int(version))
+            query = query.where(_T.c.version == int(version))
         if since is not None:
-            where.append("created_at >= ?")
-            args.append(float(since))
-        sql = (f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "
-               "ORDER BY created_at DESC, seq DESC LIMIT ?")
-        with self._lock:
-            rows = self._db.execute(sql, (*args, max(int(n), 0))).fetchall()
+            query = query.where(_T.c.created_at >= float(since))
+        query = query.order_by(_T.c.created_at.desc(), _T.c.seq.desc()).limit(max(int(n), 0))
+        with self._read() as conn:
+            rows = list(conn.execute(query).all())
         rows.reverse()  # oldest first
         return rows
 
@@ -351,7 +361,7 @@ class CaptureStore:
         """Same selection as window(), as PredictionRecords (with prediction ids and times), oldest first."""
         return [self._decode(row) for row in self._select(adapter, n, version, since)]
 
-    def _to_reference(self, rows: list[tuple[Any, ...]]) -> ReferenceSet:
+    def _to_reference(self, rows: list[Sequence[Any]]) -> ReferenceSet:
         n = len(rows)
         if n == 0:
             return ReferenceSet(np.zeros((0, 0), np.float32), np.zeros((0, len(STAT_NAMES))), np.zeros(0),
@@ -367,30 +377,38 @@ class CaptureStore:
         )
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE prediction_id = ?",
-                                   (prediction_id,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute(select(*_COLUMNS).where(_T.c.prediction_id == prediction_id)).first()
         return None if row is None else self._decode(row)
 
     def count(self, adapter: str) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM records WHERE adapter = ?", (adapter,)).fetchone()[0]
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).where(_T.c.adapter == adapter)).scalar_one())
 
     def adapters(self) -> list[str]:
-        with self._lock:
-            return [row[0] for row in self._db.execute("SELECT DISTINCT adapter FROM records ORDER BY adapter")]
+        with self._read() as conn:
+            return list(conn.scalars(select(_T.c.adapter).distinct().order_by(_T.c.adapter)).all())
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Refuse further use; the state database itself stays open for the process's other stores."""
+        self._closed = True
 
     def __enter__(self) -> CaptureStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _insert_new(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert rows in bulk (batched multi-row INSERTs), skipping known prediction ids; returns how many were new.
+
+    RETURNING counts what went in: an executemany's rowcount is not reliable on every driver.
+    """
+    if not rows:
+        return 0
+    statement = insert_new(conn, _T, "prediction_id").returning(_T.c.seq)
+    return len(conn.execute(statement, rows).all())
 
 
 # ------------------------------------------------------------------------------------------ async writer

@@ -1,38 +1,31 @@
-"""The drift-check history: every check's result in SQLite (`<home>/monitor.db`), written by the monitor and read
-by anyone (the service's routes, the retrain job runner in another process) without the registry, torch or
-Prometheus."""
+"""The drift-check history: every check's result in the drift_checks table of the state database
+(monitoring.tables), written by the monitor and read by anyone (the service's routes, the retrain job runner in
+another process, any replica on the same ADAPTSERVE_DATABASE_URL) without the registry, torch or Prometheus."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.sqlite import transaction
+from sqlalchemy import Connection, func, insert, select, update
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS drift_checks (
-    id INTEGER PRIMARY KEY,
-    adapter TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    checked_at REAL NOT NULL,
-    drift INTEGER NOT NULL,
-    score REAL NOT NULL,
-    threshold REAL NOT NULL,
-    p_value REAL NOT NULL,
-    window_size INTEGER NOT NULL,
-    features TEXT NOT NULL,
-    report TEXT,
-    mean_confidence REAL
-);
-CREATE INDEX IF NOT EXISTS drift_checks_by_adapter ON drift_checks (adapter, id);
-"""
-_COLUMNS = ("adapter, version, checked_at, drift, score, threshold, p_value, window_size, features, report, "
-            "mean_confidence")
+from models.db import redact
+from models.state import open_state
+from monitoring.legacy import read_rows, retire
+from monitoring.tables import HISTORY_LOCK, drift_checks
+
+log = logging.getLogger(__name__)
+
+LEGACY_FILE = "monitor.db"  # where a home kept its checks before the state database
+_T = drift_checks
+_FIELDS = ("adapter", "version", "checked_at", "drift", "score", "threshold", "p_value", "window_size", "features",
+           "report", "mean_confidence")
+_COLUMNS = tuple(_T.c[name] for name in _FIELDS)
 
 
 def iso_utc(epoch: float) -> str:
@@ -51,61 +44,90 @@ def _row_to_result(row: Sequence[Any]) -> dict[str, Any]:
 
 
 class DriftHistory:
-    """Drift checks in SQLite (`<home>/monitor.db`, WAL): the monitor writes, anyone reads, from any process.
+    """Drift checks in the home's state database (models.state.open_state): the monitor writes, anyone reads, from
+    any process.
 
     Results are dicts in the /drift response shape: adapter, version, drift, score, threshold, p_value,
     window_size, checked_at (ISO 8601, UTC), features, report (HTML path or None) and mean_confidence.
-    Check ids grow with time, so "latest" is the highest id of an adapter.
+    Check ids grow with time (writers take HISTORY_LOCK one at a time), so "latest" is the highest id of an adapter.
+    Writes are non-durable (models.db `durable=False`): a kill -9 loses nothing committed, a power loss may lose the
+    last checks. Opening imports a legacy `<home>/monitor.db` once.
     """
 
-    def __init__(self, home: str | Path, timeout_s: float = 30.0) -> None:
-        self.path = Path(home) / "monitor.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
+    def __init__(self, home: str | Path) -> None:
+        self.home = Path(home)
+        self.database = open_state(self.home)
+        self._closed = False
+        self._import_legacy()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        self._check_open()
+        with self.database.write(lock=HISTORY_LOCK, durable=False) as conn:
+            yield conn
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"DriftHistory({self.home}) is closed; open a new one.")
+
+    def _import_legacy(self) -> None:
+        """Copy `<home>/monitor.db` in once (new ids, in the old id order), then rename it. A check whose adapter and
+        time are already there (an earlier, interrupted import) is not copied again."""
+        path = self.home / LEGACY_FILE
+        if not path.is_file():
+            return
+        with self._write() as conn:
+            rows = read_rows(path, "drift_checks", _FIELDS, "id")
+            if rows is None:  # another process imported it while this one waited for the lock
+                return
+            present = set(conn.execute(select(_T.c.adapter, _T.c.checked_at).where(
+                _T.c.adapter.in_({r["adapter"] for r in rows}))).all())
+            new = [row | {"drift": bool(row["drift"])} for row in rows
+                   if (row["adapter"], row["checked_at"]) not in present]
+            if new:
+                conn.execute(insert(_T), new)
+        log.info("drift history: imported %d of %d checks from %s into %s; the file is now %s", len(new), len(rows),
+                 path, redact(self.database.url), retire(path))
 
     def add(self, result: dict[str, Any], checked_at: float) -> tuple[int, int]:
         """Store one check; returns (its id, how many checks the adapter now has, this one included)."""
-        row = (result["adapter"], int(result["version"]), float(checked_at), int(bool(result["drift"])),
-               float(result["score"]), float(result["threshold"]), float(result["p_value"]),
-               int(result["window_size"]), json.dumps(result["features"]), result.get("report"),
-               result.get("mean_confidence"))
-        with self._lock, transaction(self._conn) as conn:
-            cur = conn.execute(f"INSERT INTO drift_checks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-            count = conn.execute("SELECT COUNT(*) FROM drift_checks WHERE adapter = ?",
-                                 (result["adapter"],)).fetchone()[0]
-        return int(cur.lastrowid), int(count)
+        values = (result["adapter"], int(result["version"]), float(checked_at), bool(result["drift"]),
+                  float(result["score"]), float(result["threshold"]), float(result["p_value"]),
+                  int(result["window_size"]), json.dumps(result["features"]), result.get("report"),
+                  result.get("mean_confidence"))
+        with self._write() as conn:
+            check_id = conn.execute(insert(_T).values(dict(zip(_FIELDS, values, strict=True)))
+                                    .returning(_T.c.id)).scalar_one()
+            count = conn.execute(select(func.count()).where(_T.c.adapter == result["adapter"])).scalar_one()
+        return int(check_id), int(count)
 
     def set_report(self, check_id: int, report: str) -> None:
-        with self._lock:
-            self._conn.execute("UPDATE drift_checks SET report = ? WHERE id = ?", (report, check_id))
+        with self._write() as conn:
+            conn.execute(update(_T).where(_T.c.id == check_id).values(report=report))
 
-    def _rows(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+    def _rows(self, query: Any) -> list[Sequence[Any]]:
+        self._check_open()
+        with self.database.read() as conn:
+            return list(conn.execute(query).all())
 
     def latest(self, adapter: str) -> dict[str, Any] | None:
-        rows = self._rows(f"SELECT {_COLUMNS} FROM drift_checks WHERE adapter = ? ORDER BY id DESC LIMIT 1",
-                          (adapter,))
+        rows = self._rows(select(*_COLUMNS).where(_T.c.adapter == adapter).order_by(_T.c.id.desc()).limit(1))
         return _row_to_result(rows[0]) if rows else None
 
     def history(self, adapter: str, limit: int = 200) -> list[dict[str, Any]]:
         """The adapter's latest `limit` checks, oldest first."""
-        rows = self._rows(f"SELECT {_COLUMNS} FROM drift_checks WHERE adapter = ? ORDER BY id DESC LIMIT ?",
-                          (adapter, max(int(limit), 0)))
+        rows = self._rows(select(*_COLUMNS).where(_T.c.adapter == adapter).order_by(_T.c.id.desc())
+                          .limit(max(int(limit), 0)))
         return [_row_to_result(r) for r in reversed(rows)]
 
     def latest_report(self, adapter: str) -> str | None:
-        rows = self._rows("SELECT report FROM drift_checks WHERE adapter = ? AND report IS NOT NULL "
-                          "ORDER BY id DESC LIMIT 1", (adapter,))
+        rows = self._rows(select(_T.c.report).where(_T.c.adapter == adapter, _T.c.report.is_not(None))
+                          .order_by(_T.c.id.desc()).limit(1))
         return rows[0][0] if rows else None
 
     def adapters(self) -> list[str]:
-        return [r[0] for r in self._rows("SELECT DISTINCT adapter FROM drift_checks ORDER BY adapter", ())]
+        return [r[0] for r in self._rows(select(_T.c.adapter).distinct().order_by(_T.c.adapter))]
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        """Refuse further use; the state database itself stays open for the process's other stores."""
+        self._closed = True

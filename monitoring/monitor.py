@@ -2,20 +2,21 @@
 
 * record(): the request thread only hands (ids, images, probs, embeddings) to a bounded queue (microseconds); a
   daemon thread samples by prediction id, computes the image statistics (monitoring.image_stats, stacked per
-  drained group of batches), builds PredictionRecords and hands them to an AsyncCapture writing `<home>/capture.db`
-  (bounded per adapter and in time).
+  drained group of batches), builds PredictionRecords and hands them to an AsyncCapture writing the capture table of
+  the state database (monitoring.capture; bounded per adapter and in time; shared by every replica on one
+  ADAPTSERVE_DATABASE_URL, so a check sees all traffic).
 * check(adapter): the adapter's latest `window` records of one version (the champion unless given) against that
   version's `reference.npz` (written by monitoring.reference; the base model's own reference for "base") with a cached
   monitoring.detectors.DriftDetector, run with numpy's BLAS on one thread (monitoring.blas); tens of milliseconds.
-  Every result goes to `<home>/monitor.db` (monitoring.history), to the Prometheus gauges of monitoring.metrics
+  Every result goes to the drift history (monitoring.history), to the Prometheus gauges of monitoring.metrics
   and, every REPORT_EVERY-th check of an adapter, to an Evidently report (`<home>/reports/<adapter>/*.html` plus
   the workspace `<home>/evidently`), written by a background thread because it takes seconds.
-* start(): scheduled checks every interval_s in ONE process of the service: the thread that holds an exclusive
-  flock on `<home>/monitor.lock` (models.locks) is the leader; the other workers retry at every tick and take
-  over when the leader's process dies (the kernel drops its lock).
+* start(): scheduled checks every interval_s, each adapter's by ONE monitor of all the workers and replicas on the
+  database: at every tick a monitor checks only the adapters whose lease it wins for the interval
+  (monitoring.leases); another takes an adapter over when its holder closes or stops renewing.
 
 Threads start lazily and stop in close(): the recorder and the report writer are models.background
-BackgroundWorkers (as is AsyncCapture's SQLite writer); the scheduler is a timer loop. Importing this module
+BackgroundWorkers (as is AsyncCapture's database writer); the scheduler is a timer loop. Importing this module
 imports neither torch nor prometheus_client.
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from models import locks
 from models.background import BackgroundWorker
 from models.files import file_sha256
 from models.registry import NAME_PATTERN
@@ -48,6 +47,7 @@ from monitoring.detectors import REFERENCE_FILE, DriftDetector, ReferenceSet
 from monitoring.errors import NoReferenceError, NotEnoughRecordsError, UnknownAdapterError
 from monitoring.history import DriftHistory, iso_utc
 from monitoring.image_stats import batch_image_stats
+from monitoring.leases import DriftLeases
 
 _NAME_RE = re.compile(NAME_PATTERN)
 log = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ class DriftMonitor:
         self.base_dir = Path(base_dir)
         self.cfg = cfg or MonitorConfig.from_env()
         self.classes = _class_names(self.base_dir)
-        self.store = CaptureStore(self.home / "capture.db", self.cfg.max_per_adapter, self.cfg.retention_s)
+        self.store = CaptureStore(self.home, self.cfg.max_per_adapter, self.cfg.retention_s)
         self.checks = DriftHistory(self.home)
+        self.leases = DriftLeases(self.home, self.cfg.interval_s)
         self._metrics = metrics
         self._capture: AsyncCapture | None = None
         self._recorder: BackgroundWorker[_Batch] | None = None
@@ -110,8 +111,8 @@ class DriftMonitor:
         self._reporter: BackgroundWorker[tuple[int, Key, ReferenceSet]] | None = None
         self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
-        self._lock_fd: int | None = None
         self._last_checked: dict[str, tuple[Key, str]] = {}
+        self._leading: set[str] = set()  # adapters whose lease this monitor has won (logged once each)
         self.scheduled_checks = 0
         self._closed = False
 
@@ -138,7 +139,7 @@ class DriftMonitor:
             if self._recorder is None and not self._closed:
                 self._capture = AsyncCapture(self.store, sample_rate=1.0, max_queue=max(10000, self.cfg.window * 4))
                 # whatever is waiting, up to _DRAIN batches, without lingering: one stacked statistics pass and one
-                # SQLite write for all of them
+                # database write for all of them
                 self._recorder = BackgroundWorker("adaptserve-drift-capture", self._submit,
                                                   maxsize=self.cfg.queue_size, max_batch=_DRAIN)
             return self._recorder
@@ -153,7 +154,7 @@ class DriftMonitor:
                       np.asarray(batch.probs)[keep], np.asarray(batch.embeddings)[keep], batch.created_at)
 
     def _submit(self, batches: list[_Batch]) -> None:
-        """Sample, compute image statistics and records, queue them for the SQLite writer; a bad batch is logged
+        """Sample, compute image statistics and records, queue them for the database writer; a bad batch is logged
         and counted in `failed`, never raised (capture must go on)."""
         if not batches:
             return
@@ -194,7 +195,7 @@ class DriftMonitor:
         return records
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything recorded before this call is in capture.db and queued reports are written;
+        """Wait until everything recorded before this call is in the capture store and queued reports are written;
         False on timeout. For tests and shutdown; the service never needs it."""
         deadline = time.monotonic() + timeout
 
@@ -375,18 +376,8 @@ class DriftMonitor:
 
     @property
     def is_leader(self) -> bool:
-        return self._lock_fd is not None
-
-    def _try_lead(self) -> bool:
-        """Take the exclusive, non-blocking flock on <home>/monitor.lock; held until close() or process exit."""
-        if self._lock_fd is not None:
-            return True
-        fd = locks.try_lock(self.home / "monitor.lock")
-        if fd is None:
-            return False
-        self._lock_fd = fd
-        log.info("drift monitor: this process (pid %d) runs the scheduled drift checks", os.getpid())
-        return True
+        """Whether this monitor runs the scheduled checks of at least one adapter (holds a live lease)."""
+        return bool(self.leases.held())
 
     def start(self) -> DriftMonitor:
         """Export the latest stored check of every adapter to the gauges, then start scheduled checks (every
@@ -406,18 +397,24 @@ class DriftMonitor:
     def _schedule_loop(self) -> None:
         while not self._stop.wait(self.cfg.interval_s):
             try:
-                if self._try_lead():
-                    self.run_scheduled()
+                self.run_scheduled()
             except Exception:  # keep scheduling: a transient database error must not end monitoring
                 log.exception("drift monitor: scheduled checks failed")
 
-    def run_scheduled(self) -> list[dict[str, Any]]:
-        """One round of scheduled checks: every adapter whose champion has enough records and new ones since its
-        last scheduled check. Reports go to the background thread. Returns the results."""
+    def run_scheduled(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One round of scheduled checks at `now` (default time.time()): every captured adapter whose lease this
+        monitor wins for the interval (monitoring.leases), whose champion has enough records and new ones since this
+        monitor's last scheduled check of it. Reports go to the background thread. Returns the results."""
         results = []
         for adapter in self.store.adapters():
             if self._stop.is_set():
                 break
+            # renewed at every tick, new records or not: the holder stays the one that knows what it last checked
+            if not self.leases.acquire(adapter, now):
+                continue
+            if adapter not in self._leading:
+                self._leading.add(adapter)
+                log.info("drift monitor: %s runs the scheduled drift checks of %s", self.leases.holder, adapter)
             try:
                 key = self._resolve(adapter, None)
                 newest = self.store.window_records(adapter, 1, version=key[1])
@@ -432,7 +429,7 @@ class DriftMonitor:
         return results
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the scheduler, write what is queued, stop the threads, release the leader lock."""
+        """Stop the scheduler, write what is queued, stop the threads, give back the drift leases."""
         with self._start_lock:
             if self._closed:
                 return
@@ -446,9 +443,10 @@ class DriftMonitor:
             self._capture.close(timeout)
         if self._reporter is not None:
             self._reporter.close(timeout)
-        if self._lock_fd is not None:
-            locks.release(self._lock_fd)  # another worker becomes the leader
-            self._lock_fd = None
+        try:
+            self.leases.release()  # another worker or replica takes the adapters over at its next tick
+        except Exception:  # closing goes on: unreleased leases are taken over once they run out
+            log.exception("drift monitor: could not give back the drift leases of %s", self.leases.holder)
         self.store.close()
         self.checks.close()
 

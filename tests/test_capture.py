@@ -1,14 +1,18 @@
-"""Prediction capture: durable bounded SQLite store and the non-blocking async writer."""
+"""Prediction capture: the durable bounded store (on SQLite and PostgreSQL) and the non-blocking async writer."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 
+from models import migrations
+from models.state import close_all
 from monitoring.capture import (
     AsyncCapture,
     CaptureStore,
@@ -39,9 +43,25 @@ def _records(n: int, adapter: str = "a", version: int = 1, start: float | None =
     return records
 
 
+@pytest.fixture(autouse=True)
+def _close_databases() -> Iterator[None]:
+    yield
+    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
+
+
 @pytest.fixture
-def store(tmp_path: Path):
-    s = CaptureStore(tmp_path / "capture.db", max_per_adapter=100, retention_s=1e12)  # fake 1970 times stay
+def home(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home on the test's backend: sqlite leaves ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db),
+    postgresql points it at a fresh database at head."""
+    if make_url(db_url).get_backend_name() == "postgresql":
+        migrations.upgrade(db_url)
+        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def store(home: Path):
+    s = CaptureStore(home, max_per_adapter=100, retention_s=1e12)  # fake 1970 times stay
     yield s
     s.close()
 
@@ -100,8 +120,8 @@ def test_non_finite_records_are_skipped(store: CaptureStore) -> None:
     assert len(store.window("a", 10)) == 2  # the window stays a valid ReferenceSet
 
 
-def test_float32_storage_is_exact(tmp_path: Path) -> None:
-    with CaptureStore(tmp_path / "f32.db", embedding_dtype="float32") as s:
+def test_float32_storage_is_exact(home: Path) -> None:
+    with CaptureStore(home, embedding_dtype="float32") as s:
         records = _records(5)
         s.add_many(records)
         np.testing.assert_array_equal(s.window("a", 5).embeddings, np.stack([r.embedding for r in records]))
@@ -128,9 +148,9 @@ def test_bounded_per_adapter(store: CaptureStore) -> None:
     assert times == sorted(times) and times[-1] == 1e6 + 499 and times[0] == 1e6 + 400  # the newest 100 kept
 
 
-def test_retention_pruning_with_fake_timestamps(tmp_path: Path) -> None:
+def test_retention_pruning_with_fake_timestamps(home: Path) -> None:
     now = time.time()
-    with CaptureStore(tmp_path / "r.db", max_per_adapter=1000, retention_s=3600) as s:
+    with CaptureStore(home, max_per_adapter=1000, retention_s=3600) as s:
         s.add_many(_records(10, start=now - 7200) + _records(10, start=now - 60, seed=1))
         # the write itself expires old rows (the retention check is due on the first write)
         assert s.count("a") == 10
@@ -139,15 +159,15 @@ def test_retention_pruning_with_fake_timestamps(tmp_path: Path) -> None:
         assert s.prune(now=now + 3600) == 10 and s.adapters() == []
 
 
-def test_survives_restart(tmp_path: Path) -> None:
-    path = tmp_path / "restart.db"
+def test_survives_restart(home: Path) -> None:
     records = _records(40)
-    s = CaptureStore(path, max_per_adapter=50, retention_s=1e12)
+    s = CaptureStore(home, max_per_adapter=50, retention_s=1e12)
     s.add_many(records)
     s.close()
     with pytest.raises(RuntimeError, match="closed"):
         s.count("a")
-    with CaptureStore(path, max_per_adapter=50, retention_s=1e12) as reopened:
+    close_all()  # a new process: a new engine on the same database
+    with CaptureStore(home, max_per_adapter=50, retention_s=1e12) as reopened:
         assert reopened.count("a") == 40
         np.testing.assert_allclose(reopened.window("a", 40).confidence, [r.confidence for r in records])
         reopened.add_many(_records(40, start=2e6, seed=1))  # the reopened store knows its counts: trims at 55
@@ -232,8 +252,8 @@ def test_sampled_capture(store: CaptureStore) -> None:
     capture.close()
 
 
-def test_thread_safety_four_submitters(tmp_path: Path) -> None:
-    with CaptureStore(tmp_path / "threads.db", max_per_adapter=10_000) as s:
+def test_thread_safety_four_submitters(home: Path) -> None:
+    with CaptureStore(home, max_per_adapter=10_000) as s:
         capture = AsyncCapture(s, flush_interval_s=0.01)
         batches = [_records(500, adapter=f"ad{t % 2}", seed=t, prefix=f"t{t}") for t in range(4)]
         threads = [threading.Thread(target=lambda b=b: [capture.submit(r) for r in b]) for b in batches]

@@ -1,5 +1,6 @@
 """The drift monitor: capture off the hot path, checks against the version's reference, history, gauges, reports,
-one scheduling leader per state dir."""
+one scheduled checker per adapter. The history and scheduling tests run on SQLite and PostgreSQL; the others on the
+embedded SQLite default (tests/test_monitor_db.py has the stores' own tests on both)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy.engine import make_url
 
-from models import settings
+from models import migrations, settings
 from models.artifacts import load_model, preprocessing_of
 from models.export import session
 from models.registry import open_registry
+from models.state import close_all
 from monitoring.capture import keep_sample
 from monitoring.config import MonitorConfig
 from monitoring.errors import NoReferenceError, NotEnoughRecordsError, UnknownAdapterError
@@ -50,6 +54,21 @@ def traffic(_service_home_template: Path, source_model: Path) -> dict[str, Any]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _close_databases() -> Iterator[None]:
+    yield
+    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
+
+
+@pytest.fixture
+def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """sqlite: ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db); postgresql: a fresh database at head."""
+    if make_url(db_url).get_backend_name() == "postgresql":
+        migrations.upgrade(db_url)
+        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    return db_url
+
+
 def _cfg(**overrides: Any) -> MonitorConfig:
     return MonitorConfig(**{"interval_s": 0, "window": 200, "min_records": 100, "report_every": 0, **overrides})
 
@@ -59,12 +78,13 @@ def _monitor(home: Path, base: Path, **overrides: Any) -> DriftMonitor:
 
 
 def _send(monitor: DriftMonitor, traffic: dict[str, Any], kind: str, n: int = 200, adapter: str = "site-a",
-          version: int = 1, per_request: int = 8) -> None:
-    """Record n predictions as the runtime does: one record() per request of `per_request` images."""
+          version: int = 1, per_request: int = 8, replica: str = "") -> None:
+    """Record n predictions as the runtime does: one record() per request of `per_request` images; `replica`
+    prefixes the ids (each replica serves its own requests)."""
     images, probs, emb = traffic[kind]
     for start in range(0, n, per_request):
         end = min(start + per_request, n)
-        ids = [f"{kind}-{adapter}-{version}-{i}" for i in range(start, end)]
+        ids = [f"{replica}{kind}-{adapter}-{version}-{i}" for i in range(start, end)]
         monitor.record(adapter, version, ids, images[start:end], probs[start:end], emb[start:end])
 
 
@@ -91,7 +111,7 @@ def test_clean_traffic_passes_noisy_traffic_alarms(service_home: Path, source_mo
 
 
 def test_history_survives_a_new_monitor_and_reads_without_one(service_home: Path, source_model: Path,
-                                                              traffic: dict) -> None:
+                                                              traffic: dict, backend: str) -> None:
     with _monitor(service_home, source_model) as monitor:
         _send(monitor, traffic, "noisy")
         monitor.flush()
@@ -281,7 +301,7 @@ def _wait(condition, timeout: float = 20.0) -> bool:
     return False
 
 
-def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path, traffic: dict) -> None:
+def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path, traffic: dict, backend: str) -> None:
     first = _monitor(service_home, source_model, interval_s=0.1)
     second = _monitor(service_home, source_model, interval_s=0.1)
     try:
@@ -296,12 +316,76 @@ def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path
         _send(first, traffic, "noisy", n=40)
         first.flush()
         assert _wait(lambda: first.scheduled_checks == 2)
-        first.close()  # releases the lock: the other worker takes over
+        first.close()  # gives its lease back: the other worker takes over
         assert _wait(lambda: second.is_leader and second.scheduled_checks == 1)
         assert len(second.history("site-a")) == 3
     finally:
         first.close()
         second.close()
+
+
+@pytest.fixture
+def shared_url(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """One database for every home of the test, as replicas have: ADAPTSERVE_DATABASE_URL names a shared SQLite
+    file or a PostgreSQL database at head."""
+    if make_url(db_url).get_backend_name() == "postgresql":
+        migrations.upgrade(db_url)
+    monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    return db_url
+
+
+@pytest.fixture
+def second_home(_service_home_template: Path, tmp_path: Path) -> Path:
+    """Another replica's state dir: the same adapters, its own registry and files."""
+    import shutil
+
+    return Path(shutil.copytree(_service_home_template, tmp_path / "svc2"))
+
+
+def test_replicas_on_one_database_check_all_their_traffic(service_home: Path, second_home: Path,
+                                                          source_model: Path, traffic: dict, shared_url: str) -> None:
+    with _monitor(service_home, source_model) as one, _monitor(second_home, source_model) as two:
+        _send(one, traffic, "clean", n=120, replica="r1-")
+        _send(two, traffic, "clean", n=80, replica="r2-")
+        assert one.flush() and two.flush()
+        result = one.check("site-a")
+        assert (result["window_size"], one.store.count("site-a"), two.store.count("site-a")) == (200, 200, 200)
+        assert two.history("site-a") == [result] and two.latest("site-a") == result and two.adapters() == ["site-a"]
+
+
+def test_replicas_scheduling_one_adapter_run_one_check_per_interval(service_home: Path, second_home: Path,
+                                                                   source_model: Path, traffic: dict,
+                                                                   shared_url: str) -> None:
+    with (_monitor(service_home, source_model, interval_s=10) as one,
+          _monitor(second_home, source_model, interval_s=10) as two):
+        _send(one, traffic, "clean", n=120, replica="r1-")
+        assert one.flush()
+        t0 = time.time()
+        assert len(one.run_scheduled(t0)) == 1 and two.run_scheduled(t0) == []
+        _send(two, traffic, "noisy", n=80, replica="r2-")  # new records: due at the next interval, not before
+        assert two.flush()
+        assert one.run_scheduled(t0 + 5) == [] and two.run_scheduled(t0 + 5) == []
+        assert two.run_scheduled(t0 + 10) == []  # the holder is alive: it keeps the adapter
+        [again] = one.run_scheduled(t0 + 10)
+        assert again["window_size"] == 200 and again["drift"] is True  # the other replica's noisy traffic is in it
+        assert one.is_leader and not two.is_leader and (one.scheduled_checks, two.scheduled_checks) == (2, 0)
+
+        one.leases.release()  # e.g. shutting down: from the next interval on, either may win it
+        _send(two, traffic, "noisy", n=40, replica="r3-")
+        assert two.flush()
+        results: list[list[dict[str, Any]]] = []
+        start = threading.Barrier(2)
+
+        def tick(monitor: DriftMonitor) -> None:
+            start.wait()
+            results.append(monitor.run_scheduled(t0 + 20))
+
+        threads = [threading.Thread(target=tick, args=(m,)) for m in (one, two)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(len(r) for r in results) == [0, 1] and len(two.history("site-a")) == 3
 
 
 def test_config_from_env_and_the_settings_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
