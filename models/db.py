@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,7 +152,7 @@ class Database:
             # pysqlite's own BEGIN handling off: the "begin" listener issues the one each transaction needs
             dbapi_conn.isolation_level = None
             dbapi_conn.execute(f"PRAGMA busy_timeout={busy_ms}")
-            dbapi_conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file; readers never block the writer
+            _ensure_wal(dbapi_conn, self.timeout_s)
             dbapi_conn.execute("PRAGMA foreign_keys=ON")
 
         @event.listens_for(engine, "begin")
@@ -246,6 +247,24 @@ class Database:
         if not durable:
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(lock)})
+
+
+def _ensure_wal(dbapi_conn: Any, timeout_s: float) -> None:
+    """WAL mode (persistent in the file; readers never block the writer), set once per file.
+
+    Switching a file to WAL needs its exclusive lock, and SQLite answers "database is locked" at once (no busy
+    handler) while another connection writes: only switch when the file is not in WAL yet, retrying until
+    timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while str(dbapi_conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        try:
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            attempt += 1
+            _backoff(attempt)
 
 
 def _backoff(attempt: int) -> None:
