@@ -9,9 +9,11 @@ Legacy homes: a labels.db (the SQLite file the store kept before the state datab
 of a store for that home, in one write transaction, then renamed ``labels.db.imported`` (its -wal and -shm too).
 The file is read, never altered, and may be in any shape the store ever wrote: the columns added since the first
 version (trust, sender, outcome) are filled in for rows that lack them as the old in-place migration filled them
-(an import, source "import:...", was TRUSTED, anything else UNTRUSTED; the sender "legacy"). A copy that fails
-part-way leaves the database and the file as they were. The copy is skipped when the file's newest event is
-already in the database (a process killed between the commit and the rename, two processes opening at once).
+(an import, source "import:...", was TRUSTED, anything else UNTRUSTED; the sender "legacy"). An example another
+home's file brought first keeps that label; a different one from this file becomes a contradiction (see
+`_new_labels`); every event is kept. A copy that fails part-way leaves the database and the file as they were. The
+copy is skipped when the file's newest event is already in the database (a process killed between the commit and
+the rename, two processes opening at once).
 """
 
 from __future__ import annotations
@@ -33,13 +35,10 @@ from sqlalchemy import (
     LargeBinary,
     Table,
     Text,
-    func,
     insert,
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from models.db import Database, metadata, redact
 from pipelines.label_trust import Trust
@@ -123,12 +122,6 @@ _LEGACY_TABLES: dict[str, tuple[Table, tuple[str, ...]]] = {
 }
 
 
-def insert_if_absent(conn: Connection, table: Table) -> Any:
-    """INSERT that skips a row whose primary key is taken (a label another home imported first)."""
-    build = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    return build(table).on_conflict_do_nothing(index_elements=[c.name for c in table.primary_key])
-
-
 # ------------------------------------------------------------------------------------------------ legacy import
 
 
@@ -170,25 +163,48 @@ def _already_imported(conn: Connection, old: sqlite3.Connection) -> bool:
     """Whether the file's newest event is in the database: the copy is one transaction, so then all of it is."""
     if "events" not in _tables(old):
         return False
-    newest = old.execute("SELECT label_id, at FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    newest = old.execute("SELECT label_id, label, at FROM events ORDER BY seq DESC LIMIT 1").fetchone()
     if newest is None:
         return False
-    found = conn.execute(select(label_events.c.seq).where(
-        label_events.c.label_id == newest[0], label_events.c.at == newest[1]).limit(1)).first()
+    e = label_events.c  # `at` is the float time.time() gave: another file's event never has the same one
+    found = conn.execute(select(e.seq).where(e.label_id == newest[0], e.label == newest[1], e.at == newest[2])
+                         .limit(1)).first()
     return found is not None
 
 
 def _copy(conn: Connection, old: sqlite3.Connection) -> int:
-    """Every row of the old file, table by table in its old order; the labels the database had none of yet."""
+    """Every row of the old file, table by table in its old order; returns how many labels were new here."""
     present = _tables(old)
-    before = conn.execute(select(func.count()).select_from(labels)).scalar_one()
+    copied = 0
     for name, (table, columns) in _LEGACY_TABLES.items():
         if name not in present:  # conflicts came later than labels and events
             continue
-        statement = insert_if_absent(conn, table) if table is labels else insert(table)
         for batch in _rows(old, name, columns):
-            conn.execute(statement, batch)
-    return conn.execute(select(func.count()).select_from(labels)).scalar_one() - before  # writers wait: exact
+            if table is labels:
+                batch = _new_labels(conn, batch)
+                copied += len(batch)
+            if batch:
+                conn.execute(insert(table), batch)
+    return copied
+
+
+def _new_labels(conn: Connection, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The old labels of examples the database has none of yet; another home's label of the same example is kept, and
+    a different label from this file is filed as a contradiction: outranked when its trust is lower, else pending (a
+    higher-trust label settles it, as any)."""
+    stored = {row.id: row for row in conn.execute(
+        select(labels.c.id, labels.c.label, labels.c.trust).where(labels.c.id.in_([r["id"] for r in batch])))}
+    for row in batch:
+        kept = stored.get(row["id"])
+        if kept is None or kept.label == row["label"]:
+            continue
+        outranked = row["trust"] < kept.trust
+        resolved = {"resolution": "outranked", "resolved_label": kept.label, "resolved_at": row["updated_at"]}
+        conn.execute(insert(label_conflicts).values(
+            label_id=row["id"], adapter=row["adapter"], kept_label=kept.label, kept_trust=kept.trust,
+            offered_label=row["label"], trust=row["trust"], source=row["source"], sender=row["sender"],
+            prediction_id=row["prediction_id"], at=row["updated_at"], **(resolved if outranked else {})))
+    return [row for row in batch if row["id"] not in stored]
 
 
 def _rows(old: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> Iterator[list[dict[str, Any]]]:

@@ -32,7 +32,7 @@ from models.db import Database, DatabaseBusy, DatabaseError, database_url, redac
 from pipelines import db_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = "0001_baseline"
+HEAD = "0003_labels"
 
 # A table of the tests' own (not models.db.metadata, which belongs to the stores and their migrations)
 counters = Table("counters", MetaData(), Column("name", String(32), primary_key=True),
@@ -314,7 +314,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_test"
-down_revision = "0001_baseline"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -334,7 +334,7 @@ def _newer_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: bool) 
     """This adaptserve's revisions plus a 0002 (the next adaptserve), as the script location."""
     scripts = tmp_path / "migrations"
     shutil.copytree(migrations.SCRIPT_LOCATION, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_test.py").write_text(REVISION_0002.format(fail=fail))
+    (scripts / "versions" / "0002_test.py").write_text(REVISION_0002.format(fail=fail, head=HEAD))
     monkeypatch.setattr(migrations, "SCRIPT_LOCATION", scripts)
 
 
