@@ -1,10 +1,10 @@
 """Labelled data for re-fine-tuning: the durable label store. (The short-lived cache of prediction inputs that
 feedback by id reads is the service's: service/inputs.py.)
 
-`LabelStore` (``<home>/labels.db``) keeps every labelled image of every adapter with where it came from, who
+`LabelStore` (in the state database) keeps every labelled image of every adapter with where it came from, who
 sent it, how far that sender is trusted (`Trust`) and when. An example's id is a hash of (adapter, pixels), so
 the same image labelled twice (a corrected feedback, a re-upload, a re-import) is one example, and every
-labelling stays in the ``events`` log. A second, different label never silently overwrites the first; trust
+labelling stays in the ``label_events`` log. A second, different label never silently overwrites the first; trust
 decides (`decide`):
 
 - a higher-trust label replaces it; an admin's label always does (an admin's correction is authoritative);
@@ -12,7 +12,7 @@ decides (`decide`):
   training and of the holdout until a higher-trust label settles it;
 - a lower-trust label keeps the current one, and the example stays usable.
 
-Every contradiction is a row of the ``conflicts`` table (`LabelStore.conflicts`, counted in `summary`).
+Every contradiction is a row of the ``label_conflicts`` table (`LabelStore.conflicts`, counted in `summary`).
 
 The train / holdout split hashes the example id, so an example never moves between splits while the holdout
 fraction stays the same (raising the fraction only moves examples from train to holdout). With
@@ -24,7 +24,7 @@ rejected by the gate. What it cannot buy: poison in a region (classes, a camera'
 holdout does not cover goes unseen, and so does poison sent with a trusted-labeller token.
 
 Where the parts live: the trust levels and the conflict rule in `pipelines.label_trust`, how an image is stored
-(bounded size, PNG, content id) in `pipelines.label_images`, the labels.db tables and their migration in
+(bounded size, PNG, content id) in `pipelines.label_images`, the tables and the import of a legacy labels.db in
 `pipelines.label_db`, the `adaptserve data add / conflicts` commands in `pipelines.labels_cli`.
 
 The tables live in the state database (`models.state.open_state`: ADAPTSERVE_DATABASE_URL, default SQLite under
