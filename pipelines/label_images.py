@@ -36,7 +36,7 @@ def prepare_image(image: Image.Image, max_short_side: int | None = DEFAULT_MAX_S
 
 
 def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
-    """Lossless PNG bytes of an image (what labels.db and inputs.db store)."""
+    """Lossless PNG bytes of an image (what the label store and the feedback input cache store)."""
     buf = io.BytesIO()
     image.save(buf, "PNG", compress_level=compress_level)
     return buf.getvalue()

@@ -1,10 +1,10 @@
 """Labelled data for re-fine-tuning: the durable label store. (The short-lived cache of prediction inputs that
 feedback by id reads is the service's: service/inputs.py.)
 
-`LabelStore` (``<home>/labels.db``) keeps every labelled image of every adapter with where it came from, who
+`LabelStore` (in the state database) keeps every labelled image of every adapter with where it came from, who
 sent it, how far that sender is trusted (`Trust`) and when. An example's id is a hash of (adapter, pixels), so
 the same image labelled twice (a corrected feedback, a re-upload, a re-import) is one example, and every
-labelling stays in the ``events`` log. A second, different label never silently overwrites the first; trust
+labelling stays in the ``label_events`` log. A second, different label never silently overwrites the first; trust
 decides (`decide`):
 
 - a higher-trust label replaces it; an admin's label always does (an admin's correction is authoritative);
@@ -12,7 +12,7 @@ decides (`decide`):
   training and of the holdout until a higher-trust label settles it;
 - a lower-trust label keeps the current one, and the example stays usable.
 
-Every contradiction is a row of the ``conflicts`` table (`LabelStore.conflicts`, counted in `summary`).
+Every contradiction is a row of the ``label_conflicts`` table (`LabelStore.conflicts`, counted in `summary`).
 
 The train / holdout split hashes the example id, so an example never moves between splits while the holdout
 fraction stays the same (raising the fraction only moves examples from train to holdout). With
@@ -24,19 +24,20 @@ rejected by the gate. What it cannot buy: poison in a region (classes, a camera'
 holdout does not cover goes unseen, and so does poison sent with a trusted-labeller token.
 
 Where the parts live: the trust levels and the conflict rule in `pipelines.label_trust`, how an image is stored
-(bounded size, PNG, content id) in `pipelines.label_images`, the labels.db tables and their migration in
+(bounded size, PNG, content id) in `pipelines.label_images`, the tables and the import of a legacy labels.db in
 `pipelines.label_db`, the `adaptserve data add / conflicts` commands in `pipelines.labels_cli`.
 
-The store opens a fresh SQLite connection per operation (WAL, synchronous=FULL: labels are people's work),
-like the adapter registry: safe across threads and across the forked serving workers that share one home. A
-labels.db from before trust was recorded is migrated when a store opens it (see `pipelines.label_db.migrate`).
+The tables live in the state database (`models.state.open_state`: ADAPTSERVE_DATABASE_URL, default SQLite under
+the home), so every replica sharing a server database sees every label. Each operation takes a pooled connection
+of this process's engine: safe across threads and across forked serving workers. Writes are durable (labels are
+people's work) and queue on one lock (`label_db.LABELS_LOCK`), so the read-then-write of `decide` never races. A
+home's legacy labels.db is imported on the first open (see `pipelines.label_db`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -45,10 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import Connection, case, exists, func, insert, select, update
 
+from models import settings
+from models.db import Database
 from models.registry import NAME_PATTERN
-from pipelines import label_db
+from models.state import open_state
 from pipelines.data import SPLITS, ImageSet, scan_class_folder
+from pipelines.label_db import LABELS_LOCK, import_legacy, label_conflicts, label_events, labels
 from pipelines.label_images import DEFAULT_MAX_SHORT_SIDE, decode_png, encode_png, example_id, prepare_image
 from pipelines.label_trust import Trust, decide, trust_name
 
@@ -117,16 +122,8 @@ class LabelResult:
         return asdict(self)
 
 
-# the store's statements; the tables are pipelines.label_db's
-_PENDING = "EXISTS (SELECT 1 FROM conflicts c WHERE c.label_id = labels.id AND c.resolved_at IS NULL)"
-_INSERT = (
-    "INSERT INTO labels (id, adapter, label, source, prediction_id, split, created_at, updated_at, width, height, png,"
-    " trust, sender) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_RELABEL = (  # split and created_at never change: an example keeps its split
-    "UPDATE labels SET label = ?, trust = ?, source = ?, sender = ?, prediction_id = COALESCE(?, prediction_id),"
-    " updated_at = ? WHERE id = ?"
-)
+# an example is conflicted while one of its contradictions is pending
+_PENDING = exists().where(label_conflicts.c.label_id == labels.c.id, label_conflicts.c.resolved_at.is_(None))
 _CONFLICT_COLUMNS = (
     "seq", "label_id", "adapter", "kept_label", "kept_trust", "offered_label", "trust", "source", "sender",
     "prediction_id", "at", "resolution", "resolved_label", "resolved_at",
@@ -213,22 +210,29 @@ class LabelSplit:
 
 class LabelStore:
     """Every labelled image of every adapter, durably, with its source, sender, trust and times (see the module
-    docstring)."""
+    docstring).
+
+    `migrated`: the columns a legacy labels.db of this home lacked (filled in when it was imported on this open);
+    empty when there was none to import."""
 
     def __init__(
         self,
         home: str | Path,
         holdout_fraction: float = 0.3,
         max_short_side: int | None = DEFAULT_MAX_SHORT_SIDE,
-        timeout_s: float = 30.0,
     ) -> None:
         if not 0.0 < holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be between 0 and 1 (exclusive), got {holdout_fraction}")
-        self.path = Path(home).expanduser().absolute() / label_db.LABELS_DB
+        self.home = Path(home).expanduser().absolute()
         self.holdout_fraction = holdout_fraction
         self.max_short_side = max_short_side
-        self._timeout = timeout_s
-        self.migrated = label_db.open_db(self.path, timeout_s)
+        self._settings = settings.load()
+        self.migrated = import_legacy(self.database, self.home)
+
+    @property
+    def database(self) -> Database:
+        """The state database, through this process's engine (a forked worker gets its own: engines do not fork)."""
+        return open_state(self.home, self._settings)
 
     def split_of(self, label_id: str, forced: str | None = None, holdout_fraction: float | None = None) -> str:
         fraction = self.holdout_fraction if holdout_fraction is None else holdout_fraction
@@ -253,42 +257,40 @@ class LabelStore:
             image.width, image.height, encode_png(image),
         )  # fmt: skip
 
-    def _store(self, conn: sqlite3.Connection, x: _Labelling) -> LabelResult:
-        """Apply one labelling under the conflict rules (`decide`) and log it as an event."""
-        current = conn.execute("SELECT label, trust FROM labels WHERE id = ?", (x.id,)).fetchone()
+    def _store(self, conn: Connection, x: _Labelling) -> LabelResult:
+        """Apply one labelling under the conflict rules (`decide`) and log it as an event (inside LABELS_LOCK)."""
+        current = conn.execute(select(labels.c.label, labels.c.trust).where(labels.c.id == x.id)).first()
         if current is None:
-            row = (x.id, x.adapter, x.label, x.source, x.prediction_id, x.split, x.at, x.at, x.width, x.height, x.png)
-            conn.execute(_INSERT, (*row, int(x.trust), x.sender))
+            conn.execute(insert(labels).values(
+                id=x.id, adapter=x.adapter, label=x.label, source=x.source, prediction_id=x.prediction_id,
+                split=x.split, created_at=x.at, updated_at=x.at, width=x.width, height=x.height, png=x.png,
+                trust=int(x.trust), sender=x.sender))  # fmt: skip
             outcome, stored = "added", x.label
         else:
             kept, kept_trust = current[0], Trust(current[1])
             d = decide(kept, kept_trust, x.label, x.trust)
             outcome, stored = d.outcome, x.label if d.replace else kept
             if d.replace or d.trust != kept_trust:  # the label, or who vouches for it, changed
-                conn.execute(_RELABEL, (stored, int(d.trust), x.source, x.sender, x.prediction_id, x.at, x.id))
+                # split and created_at never change: an example keeps its split; no prediction id keeps the old one
+                keep_id = {} if x.prediction_id is None else {"prediction_id": x.prediction_id}
+                conn.execute(update(labels).where(labels.c.id == x.id).values(
+                    label=stored, trust=int(d.trust), source=x.source, sender=x.sender, updated_at=x.at, **keep_id))
             if d.settles:
-                conn.execute(
-                    "UPDATE conflicts SET resolution = 'settled', resolved_label = ?, resolved_at = ? "
-                    "WHERE label_id = ? AND resolved_at IS NULL",
-                    (stored, x.at, x.id),
-                )
+                conn.execute(update(label_conflicts).where(
+                    label_conflicts.c.label_id == x.id, label_conflicts.c.resolved_at.is_(None),
+                ).values(resolution="settled", resolved_label=stored, resolved_at=x.at))  # fmt: skip
             if d.filed:
-                settled = None if d.filed == "pending" else (d.filed, stored, x.at)
-                conn.execute(
-                    "INSERT INTO conflicts (label_id, adapter, kept_label, kept_trust, offered_label, trust, source, "
-                    "sender, prediction_id, at, resolution, resolved_label, resolved_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (x.id, x.adapter, kept, int(kept_trust), x.label, int(x.trust), x.source, x.sender,
-                     x.prediction_id, x.at, *(settled or (None, None, None))),
-                )  # fmt: skip
-        conn.execute(
-            "INSERT INTO events (label_id, adapter, label, source, prediction_id, at, trust, sender, outcome) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (x.id, x.adapter, x.label, x.source, x.prediction_id, x.at, int(x.trust), x.sender, outcome),
-        )
-        pending = conn.execute(
-            "SELECT 1 FROM conflicts WHERE label_id = ? AND resolved_at IS NULL LIMIT 1", (x.id,)
-        ).fetchone()
+                settled = {} if d.filed == "pending" else {"resolution": d.filed, "resolved_label": stored,
+                                                           "resolved_at": x.at}  # fmt: skip
+                conn.execute(insert(label_conflicts).values(
+                    label_id=x.id, adapter=x.adapter, kept_label=kept, kept_trust=int(kept_trust),
+                    offered_label=x.label, trust=int(x.trust), source=x.source, sender=x.sender,
+                    prediction_id=x.prediction_id, at=x.at, **settled))  # fmt: skip
+        conn.execute(insert(label_events).values(
+            label_id=x.id, adapter=x.adapter, label=x.label, source=x.source, prediction_id=x.prediction_id, at=x.at,
+            trust=int(x.trust), sender=x.sender, outcome=outcome))  # fmt: skip
+        pending = conn.execute(select(label_conflicts.c.seq).where(
+            label_conflicts.c.label_id == x.id, label_conflicts.c.resolved_at.is_(None)).limit(1)).first()
         return LabelResult(x.id, stored, outcome, pending is not None)
 
     def add(
@@ -317,7 +319,7 @@ class LabelStore:
         if not isinstance(sender, str) or not sender:
             raise LabelError("sender must say who sent the label, e.g. 'token:labeller-1', 'cli:data-add'")
         labelling = self._labelling(adapter, image, label, source, prediction_id, None, trust, sender)
-        with label_db.write(self.path, self._timeout) as conn:
+        with self.database.write(lock=LABELS_LOCK) as conn:
             return self._store(conn, labelling)
 
     def import_folder(
@@ -356,7 +358,7 @@ class LabelStore:
                 )
             report.skipped += images.skipped
             report.per_split[part or "all"] = len(images)
-        with label_db.write(self.path, self._timeout) as conn:
+        with self.database.write(lock=LABELS_LOCK) as conn:
             outcomes = Counter(self._store(conn, x).outcome for x in labellings)
         report.added, report.updated = outcomes["added"], outcomes["same"] + outcomes["relabelled"]
         report.conflicts = outcomes["conflict"]
@@ -365,12 +367,12 @@ class LabelStore:
     # ---------------------------------------------------------------- reads
 
     def get(self, label_id: str) -> LabelRecord:
-        with label_db.read(self.path, self._timeout) as conn:
-            row = conn.execute(
-                "SELECT id, adapter, label, source, prediction_id, split, created_at, updated_at, trust, sender, "
-                f"{_PENDING} FROM labels WHERE id = ?",
-                (label_id,),
-            ).fetchone()
+        c = labels.c
+        with self.database.read() as conn:
+            row = conn.execute(select(
+                c.id, c.adapter, c.label, c.source, c.prediction_id, c.split, c.created_at, c.updated_at, c.trust,
+                c.sender, _PENDING,
+            ).where(c.id == label_id)).first()  # fmt: skip
         if row is None:
             raise KeyError(f"no label with id {label_id!r}")
         split = self.split_of(row[0], row[5])
@@ -379,49 +381,46 @@ class LabelStore:
     def count(self, adapter: str, since: float | None = None, *, min_trust: Trust = Trust.UNTRUSTED) -> int:
         """Examples of `adapter` labelled at `min_trust` or above; with `since` (unix time) only those labelled,
         relabelled or raised in trust since then (a repeated label or a conflict changes nothing)."""
-        with label_db.read(self.path, self._timeout) as conn:
-            return conn.execute(
-                "SELECT COUNT(*) FROM labels WHERE adapter = ? AND updated_at >= ? AND trust >= ?",
-                (adapter, since or 0.0, int(min_trust)),
-            ).fetchone()[0]
+        c = labels.c
+        with self.database.read() as conn:
+            return int(conn.execute(select(func.count()).where(
+                c.adapter == adapter, c.updated_at >= (since or 0.0), c.trust >= int(min_trust))).scalar_one())
 
     def history(self, label_id: str) -> list[dict[str, Any]]:
         """Every labelling of one example, oldest first, with who sent it and what it did (the audit trail)."""
         keys = ("label", "source", "prediction_id", "at", "trust", "sender", "outcome")
-        with label_db.read(self.path, self._timeout) as conn:
-            rows = conn.execute(f"SELECT {', '.join(keys)} FROM events WHERE label_id = ? ORDER BY seq", (label_id,))
-            out = [dict(zip(keys, r, strict=True)) for r in rows.fetchall()]
+        e = label_events.c
+        with self.database.read() as conn:
+            rows = conn.execute(select(*(e[k] for k in keys)).where(e.label_id == label_id).order_by(e.seq))
+            out = [dict(zip(keys, r, strict=True)) for r in rows]
         return [dict(r, trust=trust_name(r["trust"])) for r in out]
 
     def conflicts(self, adapter: str, unresolved_only: bool = True, limit: int = 100) -> list[dict[str, Any]]:
         """The contradictions recorded for `adapter`, newest first: by default only the pending ones (examples left
         out of training and holdout until a higher-trust label settles them). `resolution` is pending, outranked
         (a lower-trust label was refused), replaced (a higher-trust label won) or settled (a pending one, later)."""
-        where = " AND resolved_at IS NULL" if unresolved_only else ""
-        with label_db.read(self.path, self._timeout) as conn:
-            rows = conn.execute(
-                f"SELECT {', '.join(_CONFLICT_COLUMNS)} FROM conflicts WHERE adapter = ?{where} "
-                "ORDER BY at DESC, seq DESC LIMIT ?",
-                (adapter, int(limit)),
-            ).fetchall()
+        c = label_conflicts.c
+        query = select(*(c[k] for k in _CONFLICT_COLUMNS)).where(c.adapter == adapter)
+        if unresolved_only:
+            query = query.where(c.resolved_at.is_(None))
+        with self.database.read() as conn:
+            rows = conn.execute(query.order_by(c.at.desc(), c.seq.desc()).limit(int(limit))).all()
         out = []
         for row in rows:
-            c = dict(zip(_CONFLICT_COLUMNS, row, strict=True))
-            c.update(trust=trust_name(c["trust"]), kept_trust=trust_name(c["kept_trust"]))
-            out.append(dict(c, id=c.pop("seq"), resolution=c["resolution"] or "pending"))
+            found = dict(zip(_CONFLICT_COLUMNS, row, strict=True))
+            found.update(trust=trust_name(found["trust"]), kept_trust=trust_name(found["kept_trust"]))
+            out.append(dict(found, id=found.pop("seq"), resolution=found["resolution"] or "pending"))
         return out
 
     def summary(self, adapter: str) -> dict[str, Any]:
         """Counts per label, split, source kind and trust; conflicts; the trusted holdout; the time span."""
-        with label_db.read(self.path, self._timeout) as conn:
-            rows = conn.execute(
-                f"SELECT id, label, source, split, updated_at, trust, {_PENDING} FROM labels WHERE adapter = ?",
-                (adapter,),
-            ).fetchall()
-            pending, contradictions = conn.execute(
-                "SELECT COALESCE(SUM(resolved_at IS NULL), 0), COUNT(*) FROM conflicts WHERE adapter = ?",
-                (adapter,),
-            ).fetchone()
+        c, k = labels.c, label_conflicts.c
+        with self.database.read() as conn:
+            rows = conn.execute(select(c.id, c.label, c.source, c.split, c.updated_at, c.trust, _PENDING)
+                                .where(c.adapter == adapter)).all()
+            pending, contradictions = conn.execute(select(
+                func.coalesce(func.sum(case((k.resolved_at.is_(None), 1), else_=0)), 0), func.count(),
+            ).where(k.adapter == adapter)).one()  # fmt: skip
         splits = [self.split_of(r[0], r[3]) for r in rows]
         per_trust = Counter(r[5] for r in rows)
         return {
@@ -436,7 +435,7 @@ class LabelStore:
             "trusted_holdout": sum(
                 s == "holdout" and r[5] >= Trust.TRUSTED and not r[6] for s, r in zip(splits, rows, strict=True)
             ),
-            "conflicts": pending,
+            "conflicts": int(pending),
             "conflicted": sum(bool(r[6]) for r in rows),
             "contradictions": contradictions,
             "first_at": min((r[4] for r in rows), default=None),
@@ -453,15 +452,16 @@ class LabelStore:
         holdout_trust: Trust | None = None,
     ) -> LabelSplit:
         """`dataset`'s (train, holdout), with each example's trust and counts of what was held back."""
-        sql = (
-            f"SELECT id, label, split, trust, {_PENDING}, png FROM labels WHERE adapter = ? AND updated_at >= ? "
-            "ORDER BY updated_at DESC LIMIT ?"
-        )
-        with label_db.read(self.path, self._timeout) as conn:
-            rows = conn.execute(sql, (adapter, since or 0.0, -1 if limit is None else limit)).fetchall()
+        c = labels.c
+        query = (select(c.id, c.label, c.split, c.trust, _PENDING, c.png)
+                 .where(c.adapter == adapter, c.updated_at >= (since or 0.0))
+                 .order_by(c.updated_at.desc(), c.id).limit(limit))  # limit None: all of them
+        with self.database.read() as conn:
+            rows = conn.execute(query).all()
         index = {c: i for i, c in enumerate(classes)}
         out = LabelSplit(ImageSet([], [], list(classes)), ImageSet([], [], list(classes)))
-        for label_id, label, forced, trust, conflicted, png in sorted(rows):  # id order, not labelling order
+        # id order, not labelling order
+        for label_id, label, forced, trust, conflicted, png in sorted(rows, key=lambda r: r[0]):
             if conflicted:
                 out.conflicted += 1
                 out.train.skipped.append(f"{label_id} (conflicting labels)")

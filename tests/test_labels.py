@@ -1,21 +1,30 @@
-"""Label store and prediction-input cache: validation, dedupe, deterministic splits, import, expiry, bounds."""
+"""Label store and prediction-input cache: validation, dedupe, deterministic splits, import, expiry, bounds.
+
+Every test runs on both backends of the state database (`db_url`): SQLite under the store's home, then PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy import func, inspect, select
+from state_backend import use_backend
 
+from models.db import Database
 from models.preprocessing import Preprocessing
+from models.state import close_all, open_state
 from pipelines.data import DataError
+from pipelines.label_db import labels
 from pipelines.label_images import example_id, prepare_image
 from pipelines.label_trust import Trust
 from pipelines.labels import LabelError, LabelStore
-from service.inputs import ExpiredPredictionError, InputCache, UnknownPredictionError
+from service.inputs import ExpiredPredictionError, InputCache, UnknownPredictionError, feedback_inputs
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -23,6 +32,13 @@ CLASSES = ["cat", "dog", "fox"]
 def image(seed: int, size: tuple[int, int] = (16, 16)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+
+
+@pytest.fixture(autouse=True)
+def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    use_backend(db_url, monkeypatch)
+    yield db_url
+    close_all()
 
 
 @pytest.fixture
@@ -169,14 +185,19 @@ def test_import_folder_refuses_unknown_classes_before_storing_anything(store: La
         store.import_folder("site-a", tmp_path / "labelled" / "cat", CLASSES)
 
 
-def test_labels_are_durable_rows_in_sqlite(store: LabelStore) -> None:
+def test_labels_are_durable_rows_in_the_state_database(store: LabelStore) -> None:
     label_id = store.add("site-a", image(3, (40, 20)), "dog", CLASSES, "upload", sender="token:labeller-1").label_id
-    with sqlite3.connect(store.path) as conn:
-        row = conn.execute("SELECT adapter, label, source, width, height FROM labels WHERE id = ?", (label_id,))
-        assert row.fetchone() == ("site-a", "dog", "upload", 40, 20)
-        row = conn.execute("SELECT trust, sender FROM labels WHERE id = ?", (label_id,))
-        assert row.fetchone() == (0, "token:labeller-1")
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    fresh = Database(store.database.url)  # another engine, as another process would read them
+    with fresh.read() as conn:
+        c = labels.c
+        row = conn.execute(select(c.adapter, c.label, c.source, c.width, c.height).where(c.id == label_id))
+        assert tuple(row.one()) == ("site-a", "dog", "upload", 40, 20)
+        row = conn.execute(select(c.trust, c.sender).where(c.id == label_id))
+        assert tuple(row.one()) == (0, "token:labeller-1")
+    fresh.dispose()
+    if store.database.is_sqlite:
+        with sqlite3.connect(store.home / "state.db") as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_data_add_command_imports_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -442,11 +463,11 @@ def test_an_old_labels_db_is_migrated_at_open(tmp_path: Path) -> None:
     holdout = store.dataset("site-a", CLASSES, holdout_trust=Trust.TRUSTED)[1]
     assert [holdout.classes[k] for k in holdout.labels] == ["dog"]
     assert LabelStore(home).migrated == []  # once
-    with sqlite3.connect(store.path) as conn:
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(labels)")]
-    fresh = LabelStore(tmp_path / "fresh")
-    with sqlite3.connect(fresh.path) as conn:
-        assert [r[1] for r in conn.execute("PRAGMA table_info(labels)")] == columns  # one shape, old or new
+    assert not (home / "labels.db").exists() and (home / "labels.db.imported").is_file()
+    with sqlite3.connect(home / "labels.db.imported") as conn:  # read, never altered: the backup is the original
+        assert "trust" not in [r[1] for r in conn.execute("PRAGMA table_info(labels)")]
+    columns = [c["name"] for c in inspect(store.database.engine).get_columns("labels")]
+    assert columns == [c.name for c in labels.columns]  # one shape, old or new
 
 
 def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -454,13 +475,15 @@ def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.
 
     home = tmp_path / "old"
     ids = _old_labels_db(home)
-    broken = dict(label_db._ADDED_COLUMNS, events=(("trust", "INTEGER NOT NULL DEFAULT 0"), ("bad", "NOT A TYPE ((")))
+    broken = dict(label_db._ADDED_COLUMNS, events=(("trust", "NOT A TYPE (("), *label_db._ADDED_COLUMNS["events"][1:]))
     with monkeypatch.context() as patch:
         patch.setattr(label_db, "_ADDED_COLUMNS", broken)
         with pytest.raises(sqlite3.OperationalError):
-            LabelStore(home)  # labels.trust and labels.sender were added before events.bad failed
+            LabelStore(home)  # the old labels were copied before reading the old events failed
     with sqlite3.connect(home / "labels.db") as conn:
-        assert "trust" not in [r[1] for r in conn.execute("PRAGMA table_info(labels)")]  # rolled back, all of it
+        assert "trust" not in [r[1] for r in conn.execute("PRAGMA table_info(labels)")]  # the file as it was
+    with open_state(home).read() as conn:
+        assert conn.execute(select(func.count()).select_from(labels)).scalar_one() == 0  # rolled back, all of it
     assert LabelStore(home).get(ids["import"]).trust == Trust.TRUSTED
 
 
@@ -496,8 +519,9 @@ def test_input_cache_unknown_and_expired_ids_say_why(tmp_path: Path) -> None:
         cache.get("old", now=1061.0)
     assert str(late.value) == expired_msg
     cache.put_many("site-a", 1, ["new"], [image(2)], now=1100.0)  # prunes: "old" keeps only a tombstone
-    with sqlite3.connect(cache.path) as conn:
-        row = conn.execute("SELECT png IS NULL, dropped FROM inputs WHERE prediction_id = 'old'").fetchone()
+    t = feedback_inputs.c
+    with cache.database.read() as conn:
+        row = tuple(conn.execute(select(t.png.is_(None), t.dropped).where(t.prediction_id == "old")).one())
     assert row == (1, "ttl")
     with pytest.raises(ExpiredPredictionError) as pruned:
         cache.get("old", now=1100.0)
@@ -516,9 +540,10 @@ def test_input_cache_is_bounded_and_tombstones_are_too(tmp_path: Path) -> None:
     with pytest.raises(UnknownPredictionError):  # beyond max_tombstones the oldest ids are forgotten
         cache.get("p0", now=1010.0)
     cache.prune(now=1000.0 + 3600 + 4.5)  # p3, p4 expire: 1 input and 2 tombstones are left
-    with sqlite3.connect(cache.path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM inputs").fetchone()[0] == 3
-        assert conn.execute("SELECT COUNT(*) FROM inputs WHERE png IS NOT NULL").fetchone()[0] == len(cache) == 1
+    with cache.database.read() as conn:
+        assert conn.execute(select(func.count()).select_from(feedback_inputs)).scalar_one() == 3
+        live = select(func.count()).where(feedback_inputs.c.png.isnot(None))
+        assert conn.execute(live).scalar_one() == len(cache) == 1
 
 
 def test_input_cache_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -566,8 +591,8 @@ def test_the_bytes_a_client_sent_are_kept_as_they_are_and_give_the_served_pixels
 
     cache = InputCache(tmp_path, max_encoded_bytes=len(jpeg))
     cache.put_many("site-a", 1, ["j", "b"], served, encoded=[jpeg, big])
-    with sqlite3.connect(cache.path) as conn:
-        stored = dict(conn.execute("SELECT prediction_id, png FROM inputs").fetchall())
+    with cache.database.read() as conn:
+        stored = dict(conn.execute(select(feedback_inputs.c.prediction_id, feedback_inputs.c.png)).all())
     assert stored["j"] == jpeg  # kept as sent
     assert stored["b"] != big and len(stored["b"]) > 0  # over the limit: a PNG of the shrunk image instead
     got = cache.get("j")[2]

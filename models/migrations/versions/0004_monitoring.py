@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_monitoring"
-down_revision = "0002_jobs"
+down_revision = "0003_labels"
 branch_labels = None
 depends_on = None
 
