@@ -89,3 +89,16 @@ def test_commands_are_cli_commands_that_exist() -> None:
 def test_the_autoscaler_targets_the_service() -> None:
     (hpa,) = _kind("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "adaptserve" and hpa["spec"]["minReplicas"] >= 2
+
+
+def test_every_pod_mounts_the_shared_home() -> None:
+    """The registry still lives under ADAPTSERVE_HOME: every pod must see the same one (README, Deploy)."""
+    home = settings.load(_settings_map()).home.as_posix()
+    for deployment in _kind("Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+        for container in spec["containers"]:
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == home]
+            assert claims[mount["name"]] == "adaptserve-home", deployment["metadata"]["name"]
+    (claim,) = _kind("PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
