@@ -160,7 +160,8 @@ def train_site_adapter(base: Path, out: Path, epochs: int, seed: int) -> Path:
     """The site's first adapter: LoRA on a little clean digits data (its reference images come with it)."""
     d = digits_splits(32)
     target = DataSplits(per_class_subset(d.train, 30, seed), d.val, d.test)
-    adapt_model(base, target, out, AdaptConfig(strategy="lora"), TrainConfig(epochs=epochs, seed=seed, patience=5))
+    train_cfg = TrainConfig(epochs=epochs, batch_size=64, seed=seed, patience=5)  # the demo's recipe, not train's
+    adapt_model(base, target, out, AdaptConfig(strategy="lora"), train_cfg)
     return out
 
 

@@ -33,14 +33,13 @@ from models.metadata import (
     read_json,
     write_json,
 )
-from models.preprocessing import Preprocessing
 
 MODEL_FILE, ADAPTER_WEIGHTS = "model.safetensors", "adapter_model.safetensors"
 # re-exported from models/metadata.py, where they live (torch-free): ADAPTER_FILES, MODEL_META, ArtifactError,
 # read_json, write_json
 __all__ = [
     "ADAPTER_FILES", "ADAPTER_WEIGHTS", "MODEL_FILE", "MODEL_META", "ArtifactError", "atomic_dir", "file_sha256",
-    "load_adapter_model", "load_model", "model_id", "now_iso", "preprocessing_of", "read_adapter_meta", "read_json",
+    "load_adapter_model", "load_model", "now_iso", "read_adapter_meta", "read_json",
     "save_adapter", "save_model", "write_json",
 ]
 
@@ -93,8 +92,6 @@ def save_model(model: Classifier, meta: ModelMeta | Mapping[str, Any], out: str 
     The backbone written is the model's own; the weights' sha256 and (unless `meta` has one) the time are set here.
     A plain mapping is transitional (benchmarks/serve.py still builds one); it takes the same keys as model.json."""
     out = Path(out)
-    if not isinstance(meta, ModelMeta):
-        meta = ModelMeta.from_dict({**meta, "backbone": model.spec_name}, source=out / MODEL_META)
     if meta.num_classes != model.num_classes:
         raise ArtifactError(f"{out}: the model has {model.num_classes} outputs, its metadata lists {meta.num_classes} "
                             "classes")
@@ -156,18 +153,3 @@ def load_adapter_model(adapter: str | Path, base: Classifier, base_meta: ModelMe
     if meta.num_classes != base.num_classes:
         base.reset_head(meta.num_classes)
     return load_adapter(base, str(adapter)).eval(), meta
-
-
-# ---------------------------------------------------------------- transitional
-# For the callers not yet moved to the typed fields (monitoring/reference.py, pipelines/cli.py, benchmarks/serve.py
-# pass model.json as read_json's dict or call these); remove with them.
-
-
-def model_id(meta: ModelMeta | Mapping[str, Any]) -> str:
-    """`ModelMeta.model_id`, of a ModelMeta or of model.json's dict."""
-    return (meta if isinstance(meta, ModelMeta) else ModelMeta.from_dict(meta)).model_id
-
-
-def preprocessing_of(meta: ModelMeta | Mapping[str, Any]) -> Preprocessing:
-    """`ModelMeta.preprocessing`, of a ModelMeta or of model.json's dict."""
-    return (meta if isinstance(meta, ModelMeta) else ModelMeta.from_dict(meta)).preprocessing

@@ -149,11 +149,6 @@ class _Meta:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
 
-    def __getitem__(self, key: str) -> Any:
-        """Transitional: `meta["key"]` reads the JSON form, for the callers not yet moved to the typed fields
-        (pipelines/cli.py, benchmarks/serve.py). Remove once they are."""
-        return self.to_dict()[key]
-
     @classmethod
     def from_dict(cls, data: Any, source: str | Path | None = None) -> Self:
         """Parse a file's JSON object; `source` (default: the file name) is what error messages call it."""

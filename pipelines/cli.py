@@ -1,64 +1,66 @@
-"""The `adaptserve` command line."""
+"""The `adaptserve` command line: the one entry point above every layer.
+
+Commands that train, evaluate and serve live here; the adapter registry's are in pipelines/adapters_cli.py, jobs
+and schedules in pipelines/jobs_cli.py, and what they all share (plain help text, defaults from config
+dataclasses and settings, the base model) in pipelines/cli_support.py.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markdown import Markdown
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from models import paths
+from models import paths, settings
+from models.metadata import ModelMeta
 from models.strategies import AdaptConfig
+from pipelines.adapters_cli import adapters_app
+from pipelines.cli_support import (
+    base_model,
+    build_default_model,
+    console,
+    fail,
+    field_default,
+    field_help,
+    load_settings,
+    make_app,
+    progress,
+    setting_help,
+)
 from pipelines.train import TrainConfig
 
-app = typer.Typer(
-    help="adaptserve: transfer-learned image classifiers that stay accurate in production.", no_args_is_help=True
-)
-data_app = typer.Typer(help="Datasets: export the embedded digits, make shifted target domains.", no_args_is_help=True)
+app = make_app("adaptserve: transfer-learned image classifiers that stay accurate in production.")
+data_app = make_app("Datasets: export the embedded digits, make shifted target domains.")
 app.add_typer(data_app, name="data")
-console = Console()
-
-
-def _help(cls: type, name: str) -> str:
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return str(f.metadata.get("help", ""))
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
+app.add_typer(adapters_app, name="adapters")
+WEIGHTS_CHOICES = "imagenet (torchvision's pre-trained weights), none (random init) or a local .safetensors file"
 
 
 @app.command()
 def catalog() -> None:
-    """List the supported torchvision backbones."""
-    from models.catalog import CATALOG
+    """List the supported torchvision backbones (`adaptserve train --backbone NAME`)."""
+    from models.catalog import CATALOG  # torchvision's model builders
 
     table = Table("backbone", "weights", "feature dim", "stages", "input")
+    for column in table.columns:
+        column.overflow = "fold"  # a narrow terminal wraps a cell; it never cuts one short with an ellipsis
     for spec in CATALOG.values():
+        crop = spec.imagenet_preprocessing().crop_size
         table.add_row(
-            spec.name, str(spec.default_weights), str(spec.feature_dim), str(len(spec.stages)), "224 (ImageNet)"
+            spec.name, spec.default_weights.name, str(spec.feature_dim), str(len(spec.stages)), f"{crop} (ImageNet)"
         )
     console.print(table)
+    console.print(
+        "weights: what `train --backbone NAME --weights imagenet` loads, a member of the backbone's torchvision "
+        "weights enum (e.g. ResNet50_Weights.IMAGENET1K_V2)",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -72,18 +74,13 @@ def pretrain(
     force: Annotated[bool, typer.Option(help="rebuild even if the model exists")] = False,
 ) -> None:
     """Train the embedded source model on scikit-learn's bundled digits (no download)."""
-    from pipelines.adapt import pretrain as run
-
     out = out or paths.default_model_dir()
     if (out / "model.json").exists() and not force:
         console.print(f"source model already at {out} (use --force to rebuild)")
         return
-    with _progress() as progress:
-        path, meta = run(
-            out, backbone, TrainConfig(epochs=epochs, batch_size=32, patience=3, seed=seed), progress=progress
-        )
-    acc = meta["metrics"]["test"]["accuracy"]
-    console.print(f"source model [bold]{path}[/bold]: test accuracy {acc:.3f} in {meta['fit']['seconds']:.1f}s")
+    path, meta = build_default_model(out, backbone, epochs, seed)
+    acc = meta.scores("test")["accuracy"]
+    console.print(f"source model [bold]{path}[/bold]: test accuracy {acc:.3f} in {meta.fit['seconds']:.1f}s")
 
 
 def _target_data(data: Path | None, shift: str, severity: int, per_class: int, seed: int):
@@ -95,92 +92,122 @@ def _target_data(data: Path | None, shift: str, severity: int, per_class: int, s
     try:
         target = load_image_folder(data, seed=seed)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
     if target.train.skipped:
         console.print(f"[yellow]skipped {len(target.train.skipped)} unreadable image(s)[/yellow]")
     return target, None
 
 
+def _backbone_base(backbone: str, weights: str, classes: list[str], seed: int) -> Path:
+    """The base model dir of a torchvision backbone for `classes` under $ADAPTSERVE_HOME/models, built if missing."""
+    from models.catalog import CATALOG, WeightsUnavailableError, get_spec  # torchvision
+    from models.pretrained import LOCAL_SUFFIXES, base_name, pretrained_base
+
+    if backbone not in CATALOG:
+        fail(f"--backbone {backbone!r}: choose one of {', '.join(CATALOG)} (`adaptserve catalog`)")
+    members = [w.name for w in get_spec(backbone).weights_enum]
+    if weights not in ("imagenet", "none", *members) and Path(weights).suffix not in LOCAL_SUFFIXES:
+        fail(f"--weights {weights!r}: choose {WEIGHTS_CHOICES} (or one of {', '.join(members)})")
+    try:
+        path = pretrained_base(paths.models_dir() / base_name(backbone, weights, classes), backbone, weights, classes,
+                               seed)
+    except WeightsUnavailableError as err:
+        fail(str(err))
+    console.print(f"base model {path}: register its adapters with --base {path}, serve them with "
+                  f"ADAPTSERVE_BASE_MODEL={path}", highlight=False, soft_wrap=True)
+    return path
+
+
+def _t(name: str) -> Any:
+    """An option mirroring TrainConfig.`name`: its help from the field (pair it with `field_default`)."""
+    return typer.Option(help=field_help(TrainConfig, name))
+
+
+def _a(name: str) -> Any:
+    """An option mirroring AdaptConfig.`name`."""
+    return typer.Option(help=field_help(AdaptConfig, name))
+
+
 @app.command()
 def train(
-    strategy: Annotated[str, typer.Option(help=_help(AdaptConfig, "strategy"))] = "lora",
+    strategy: Annotated[str, _a("strategy")] = field_default(AdaptConfig, "strategy"),
     data: Annotated[
         Path | None, typer.Option(help="target ImageFolder (train/val/test or one folder) [default: shifted digits]")
     ] = None,
-    base: Annotated[Path | None, typer.Option(help="source model dir [default: the embedded digits model]")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="source model dir [default: $ADAPTSERVE_BASE_MODEL, else the embedded digits "
+                                  "model]")
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(help="instead of --base: a torchvision backbone from `adaptserve catalog`, saved once per "
+                     "class set as a base model under $ADAPTSERVE_HOME/models/<backbone>-<weights>-<classes digest>"),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help=f"with --backbone: {WEIGHTS_CHOICES} [default: imagenet]")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="output dir [default: $ADAPTSERVE_HOME/runs/<strategy>-<time>]")
     ] = None,
     shift: Annotated[str, typer.Option(help="default target only: shift name")] = "gaussian_noise",
     severity: Annotated[int, typer.Option(help="default target only: severity 1..5")] = 5,
     per_class: Annotated[int, typer.Option(help="default target only: labelled images per class")] = 5,
-    epochs: Annotated[int, typer.Option(help=_help(TrainConfig, "epochs"))] = 15,
-    batch_size: Annotated[int, typer.Option(help=_help(TrainConfig, "batch_size"))] = 32,
-    optimizer: Annotated[str, typer.Option(help=_help(TrainConfig, "optimizer"))] = "adamw",
-    schedule: Annotated[str, typer.Option(help=_help(TrainConfig, "schedule"))] = "cosine",
-    patience: Annotated[int, typer.Option(help=_help(TrainConfig, "patience"))] = 4,
-    label_smoothing: Annotated[float, typer.Option(help=_help(TrainConfig, "label_smoothing"))] = 0.0,
+    epochs: Annotated[int, _t("epochs")] = field_default(TrainConfig, "epochs"),
+    batch_size: Annotated[int, _t("batch_size")] = field_default(TrainConfig, "batch_size"),
+    optimizer: Annotated[str, _t("optimizer")] = field_default(TrainConfig, "optimizer"),
+    schedule: Annotated[str, _t("schedule")] = field_default(TrainConfig, "schedule"),
+    patience: Annotated[int, _t("patience")] = field_default(TrainConfig, "patience"),
+    label_smoothing: Annotated[float, _t("label_smoothing")] = field_default(TrainConfig, "label_smoothing"),
     augment: Annotated[
         str, typer.Option(help="preset (none, light, standard) or list of crop,rotate,flip,jitter")
     ] = "light",
-    lr_head: Annotated[float, typer.Option(help=_help(AdaptConfig, "lr_head"))] = 1e-3,
-    lr_backbone_max: Annotated[float, typer.Option(help=_help(AdaptConfig, "lr_backbone_max"))] = 1e-4,
-    lr_backbone_min: Annotated[float, typer.Option(help=_help(AdaptConfig, "lr_backbone_min"))] = 1e-5,
-    freeze_stages: Annotated[int, typer.Option(help=_help(AdaptConfig, "freeze_stages"))] = 2,
-    full_unfreeze_epochs: Annotated[int, typer.Option(help=_help(AdaptConfig, "full_unfreeze_epochs"))] = 0,
-    unfreeze_every: Annotated[int, typer.Option(help=_help(AdaptConfig, "unfreeze_every"))] = 1,
-    lora_r: Annotated[int, typer.Option(help=_help(AdaptConfig, "lora_r"))] = 8,
-    lora_alpha: Annotated[int, typer.Option(help=_help(AdaptConfig, "lora_alpha"))] = 16,
-    lora_targets: Annotated[str, typer.Option(help=_help(AdaptConfig, "lora_targets"))] = "all",
-    lora_lr: Annotated[float, typer.Option(help=_help(AdaptConfig, "lora_lr"))] = 5e-3,
-    head_dropout: Annotated[float, typer.Option(help="dropout before the new head's linear layer")] = 0.0,
-    seed: Annotated[int, typer.Option(help=_help(TrainConfig, "seed"))] = 0,
-    device: Annotated[str, typer.Option(help=_help(TrainConfig, "device"))] = "auto",
+    lr_head: Annotated[float, _a("lr_head")] = field_default(AdaptConfig, "lr_head"),
+    lr_backbone_max: Annotated[float, _a("lr_backbone_max")] = field_default(AdaptConfig, "lr_backbone_max"),
+    lr_backbone_min: Annotated[float, _a("lr_backbone_min")] = field_default(AdaptConfig, "lr_backbone_min"),
+    freeze_stages: Annotated[int, _a("freeze_stages")] = field_default(AdaptConfig, "freeze_stages"),
+    full_unfreeze_epochs: Annotated[int, _a("full_unfreeze_epochs")] = field_default(
+        AdaptConfig, "full_unfreeze_epochs"
+    ),
+    unfreeze_every: Annotated[int, _a("unfreeze_every")] = field_default(AdaptConfig, "unfreeze_every"),
+    lora_r: Annotated[int, _a("lora_r")] = field_default(AdaptConfig, "lora_r"),
+    lora_alpha: Annotated[int, _a("lora_alpha")] = field_default(AdaptConfig, "lora_alpha"),
+    lora_targets: Annotated[str, _a("lora_targets")] = field_default(AdaptConfig, "lora_targets"),
+    lora_lr: Annotated[float, _a("lora_lr")] = field_default(AdaptConfig, "lora_lr"),
+    head_dropout: Annotated[float, _a("head_dropout")] = field_default(AdaptConfig, "head_dropout"),
+    seed: Annotated[int, _t("seed")] = field_default(TrainConfig, "seed"),
+    device: Annotated[str, _t("device")] = field_default(TrainConfig, "device"),
 ) -> None:
-    """Adapt a source model to a target domain with one strategy; save the artifact, metrics and confusion matrix."""
-    from pipelines.adapt import adapt_model
+    """Adapt a source model to a target domain with one strategy; save the artifact, metrics and confusion matrix.
 
+    The JSON summary printed last names the run dir (`out`), which `adaptserve adapters register` takes."""
+    from pipelines.adapt import adapt_model  # torch and peft
+
+    if backbone and base:
+        fail("give --base (adapt an existing base model) or --backbone (build one from torchvision), not both")
+    if weights is not None and not backbone:
+        fail("--weights goes with --backbone: the weights of the torchvision backbone to build the base from")
     try:
         adapt_cfg = AdaptConfig(
-            strategy=strategy,
-            lr_head=lr_head,
-            lr_backbone_max=lr_backbone_max,
-            lr_backbone_min=lr_backbone_min,
-            freeze_stages=freeze_stages,
-            full_unfreeze_epochs=full_unfreeze_epochs,
-            unfreeze_every=unfreeze_every,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_targets=lora_targets,
-            lora_lr=lora_lr,
+            strategy=strategy, lr_head=lr_head, lr_backbone_max=lr_backbone_max, lr_backbone_min=lr_backbone_min,
+            freeze_stages=freeze_stages, full_unfreeze_epochs=full_unfreeze_epochs, unfreeze_every=unfreeze_every,
+            lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, lora_lr=lora_lr,
             head_dropout=head_dropout,
         )
         train_cfg = TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            schedule=schedule,
-            patience=patience,
-            label_smoothing=label_smoothing,
-            seed=seed,
-            device=device,
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, schedule=schedule, patience=patience,
+            label_smoothing=label_smoothing, seed=seed, device=device,
         )
     except ValueError as err:
-        _fail(str(err))
-    base = base or _ensure_default_model()
+        fail(str(err))
     target, source = _target_data(data, shift, severity, per_class, seed)
+    if backbone:
+        base = _backbone_base(backbone, weights or "imagenet", target.classes, seed)
+    else:
+        base = base_model(base)
     out = out or paths.home() / "runs" / f"{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with _progress() as progress:
-        result = adapt_model(base, target, out, adapt_cfg, train_cfg, source, augment=augment, progress=progress)
+    with progress() as bar:
+        result = adapt_model(base, target, out, adapt_cfg, train_cfg, source, augment=augment, progress=bar)
     console.print_json(json.dumps(result.summary()))
-
-
-def _ensure_default_model() -> Path:
-    path = paths.default_model_dir()
-    if not (path / "model.json").exists():
-        console.print(f"embedded source model missing: building it at {path} (about a minute)")
-        pretrain(out=path, backbone="resnet18", epochs=6, seed=0, force=False)
-    return path
 
 
 @app.command()
@@ -189,24 +216,27 @@ def evaluate(
     data: Annotated[
         Path | None, typer.Option(help="ImageFolder to evaluate on [default: the digits test split]")
     ] = None,
-    base: Annotated[Path | None, typer.Option(help="base model dir, for an adapter [default: embedded model]")] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="base model dir, for an adapter [default: $ADAPTSERVE_BASE_MODEL, else embedded model]"),
+    ] = None,
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
     confusion: Annotated[Path | None, typer.Option(help="write the confusion matrix PNG here")] = None,
 ) -> None:
     """Accuracy, macro precision/recall/F1 and per-class report of a model or adapter on a dataset."""
-    from pipelines.adapt import load_for_inference
+    from pipelines.adapt import load_for_inference  # torch and peft
     from pipelines.data import DataError, digits_splits, load_image_folder
     from pipelines.evaluate import evaluate as run
     from pipelines.evaluate import save_confusion_png
 
-    net, meta, prep = load_for_inference(model, base or paths.default_model_dir())
+    net, meta, prep = load_for_inference(model, base or load_settings().base_model or paths.default_model_dir())
     try:
         splits = load_image_folder(data) if data else digits_splits(32)
     except DataError as err:
-        _fail(str(err))
+        fail(str(err))
     dataset = getattr(splits, split).with_transform(prep.eval_transform())
-    if splits.classes != meta["classes"]:
-        _fail(f"data classes {splits.classes} differ from the model's {meta['classes']}")
+    if tuple(splits.classes) != meta.classes:
+        fail(f"data classes {splits.classes} differ from the model's {list(meta.classes)}")
     metrics = run(net, dataset, splits.classes)
     if confusion:
         save_confusion_png(metrics, splits.classes, confusion)
@@ -216,7 +246,9 @@ def evaluate(
 @app.command()
 def compare(
     out: Annotated[Path, typer.Option(help="where compare.md / compare.json go")] = Path("benchmarks/results"),
-    base: Annotated[Path | None, typer.Option(help="source model dir [default: embedded digits model]")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="source model dir [default: $ADAPTSERVE_BASE_MODEL, else embedded model]")
+    ] = None,
     shift: Annotated[str, typer.Option(help="target domain shift")] = "gaussian_noise",
     severity: Annotated[int, typer.Option(help="shift severity 1..5")] = 5,
     per_class: Annotated[int, typer.Option(help="labelled target images per class")] = 5,
@@ -227,7 +259,6 @@ def compare(
     ),
 ) -> None:
     """Run every strategy on the same source model and target data; write compare.md and compare.json."""
-    from models.artifacts import model_id, read_json
     from pipelines.compare import CompareConfig, check_expectations, run_compare, write_report
 
     cfg = CompareConfig(
@@ -238,10 +269,10 @@ def compare(
         seed=seed,
         strategies=tuple(s.strip() for s in strategies.split(",")),
     )
-    base = base or _ensure_default_model()
-    with _progress() as progress:
-        rows = run_compare(base, paths.home() / "compare", cfg, progress=progress)
-    md, js = write_report(rows, cfg, out, model_id(read_json(base / "model.json")))
+    base = base_model(base)
+    with progress() as bar:
+        rows = run_compare(base, paths.home() / "compare", cfg, progress=bar)
+    md, js = write_report(rows, cfg, out, ModelMeta.read(base).model_id)
     console.print(Markdown(md.read_text()))
     failed = [c for c in check_expectations(rows) if not c["ok"]]
     console.print(
@@ -254,7 +285,7 @@ def export_digits(
     out: Annotated[Path, typer.Argument(help="destination ImageFolder root")],
     size: Annotated[int, typer.Option(help="image side, px")] = 32,
 ) -> None:
-    """Write the embedded digits source domain as ImageFolder train/val/test."""
+    """Write the embedded digits source domain as ImageFolder train/val/test (OUT/<split>/<class>/<index>.png)."""
     from pipelines.data import digits_splits, write_image_folder
 
     write_image_folder(digits_splits(size), out)
@@ -279,17 +310,18 @@ def make_shift(
         parts = [s for s in SPLITS if (src / s).is_dir()] or [""]
         sets = {p: shift_set(scan_class_folder(src / p), shift, severity, seed + k) for k, p in enumerate(parts)}
     except (DataError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     write_image_folder(sets, dst)
     console.print(f"wrote {sum(len(s) for s in sets.values())} images shifted by {shift}@{severity} to {dst}")
 
 
-def _announce_tokens(home: Path) -> None:
+def _announce_tokens(home: Path, cfg: settings.Settings) -> None:
     """Without any configured token, create `<home>/tokens` (admin + labeller, mode 0600) and print them once."""
     from service.auth import ENV_TOKENS, generate_tokens, tokens_file_path
 
     path = tokens_file_path(home)
-    if any(os.environ.get(v) for names in ENV_TOKENS.values() for v in names):
+    fields = [name.removeprefix(settings.PREFIX).lower() for names in ENV_TOKENS.values() for name in names]
+    if any(getattr(cfg, field) for field in fields):
         console.print("tokens: from the environment" + (f" and {path}" if path.is_file() else ""))
     elif path.is_file():
         console.print(f"tokens: {path} (roles and tokens, one per line)")
@@ -304,30 +336,27 @@ def _announce_tokens(home: Path) -> None:
 def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    workers: Annotated[int, typer.Option(help="BentoML worker processes (all share the registry)")] = 1,
-    engine: Annotated[
-        str | None, typer.Option(help="onnx, onnx-int8 or torch (default: ADAPTSERVE_ENGINE, else onnx)")
-    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help=setting_help("workers"))] = None,
+    engine: Annotated[str | None, typer.Option(help=setting_help("engine"))] = None,
 ) -> None:
     """Start the prediction service (builds the embedded default model first if missing)."""
     import signal
     import subprocess
     import sys
 
-    from service.config import ENGINES
-
-    engine = engine or os.environ.get("ADAPTSERVE_ENGINE") or "onnx"
-    if engine not in ENGINES:
-        _fail(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
+    cfg = load_settings()
+    engine = engine or cfg.engine
+    if engine not in settings.ENGINES:
+        fail(f"--engine {engine!r}: choose one of {', '.join(settings.ENGINES)}")
+    base = base_model()
     env = dict(
         os.environ,
         ADAPTSERVE_HOME=str(paths.home().absolute()),
         ADAPTSERVE_BASE_MODEL=str(base.absolute()),
         ADAPTSERVE_ENGINE=engine,
-        ADAPTSERVE_WORKERS=str(workers),
+        ADAPTSERVE_WORKERS=str(workers or cfg.workers),
     )
-    _announce_tokens(paths.home())
+    _announce_tokens(paths.home(), cfg)
     url = f"http://{host}:{port}"
     console.print(
         f"predict   POST {url}/predict\ndashboard GET  {url}/dashboard\nmetrics   GET  {url}/metrics\n"
@@ -345,7 +374,9 @@ def serve(
 @app.command()
 def demo(
     url: Annotated[str | None, typer.Option(help="a running service; default: start one in a temp state dir")] = None,
-    token: Annotated[str | None, typer.Option(envvar="ADAPTSERVE_ADMIN_TOKEN", help="admin token of --url")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="admin token of --url [default: $ADAPTSERVE_ADMIN_TOKEN]")
+    ] = None,
     shift: Annotated[str, typer.Option(help="how the site's camera degrades")] = "gaussian_noise",
     severity: Annotated[int, typer.Option(min=1, max=5, help="shift severity 1-5")] = 3,
     feedback: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of predictions labelled")] = 0.5,
@@ -364,12 +395,12 @@ def demo(
     from benchmarks.demo import DemoConfig
     from benchmarks.demo import demo as run
 
+    token = token or load_settings().admin_token or None
     if url and not token:
-        _fail("--url needs the service's admin token (--token or ADAPTSERVE_ADMIN_TOKEN) to register the adapter")
-    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
+        fail("--url needs the service's admin token (--token or ADAPTSERVE_ADMIN_TOKEN) to register the adapter")
     cfg = DemoConfig(shift=shift, severity=severity, feedback_fraction=feedback, clean_requests=clean_requests,
                      timeout_s=timeout)
-    result = run(url, token, base, cfg, out, say=console.print, host=host, port=port)
+    result = run(url, token, base_model(), cfg, out, say=console.print, host=host, port=port)
     result.pop("timeline")
     if result.get("waiting_for"):
         console.print(f"[yellow]time limit reached ({timeout:g} s):[/yellow] {result['waiting_for']}")
@@ -393,7 +424,7 @@ from benchmarks import retrain as bench_retrain  # noqa: E402
 from benchmarks import serve as bench_serve  # noqa: E402
 from pipelines.labels_cli import data_add, data_conflicts  # noqa: E402
 
-bench_app = typer.Typer(help="Benchmarks: results in benchmarks/results/, one JSON line last.", no_args_is_help=True)
+bench_app = make_app("Benchmarks: results in benchmarks/results/, one JSON line last.")
 app.add_typer(bench_app, name="bench")
 bench_app.command("serve")(bench_serve.command)
 bench_app.command("drift")(bench_drift.command)
@@ -402,7 +433,7 @@ data_app.command("add")(data_add)
 data_app.command("conflicts")(data_conflicts)
 
 
-bento_app = typer.Typer(help="Package the service as a Bento (BentoML's deployable unit).", no_args_is_help=True)
+bento_app = make_app("Package the service as a Bento (BentoML's deployable unit).")
 app.add_typer(bento_app, name="bento")
 
 
@@ -412,17 +443,16 @@ def import_base_to_bentoml(base: Path) -> str:
 
     import bentoml
 
-    from models.artifacts import read_json
     from service.config import BENTO_MODEL
 
-    meta = read_json(base / "model.json")
+    meta = ModelMeta.read(base)
     try:
         latest = bentoml.models.get(f"{BENTO_MODEL}:latest")
-        if latest.info.metadata.get("sha256") == meta.get("sha256"):
+        if latest.info.metadata.get("sha256") == meta.sha256:
             return str(latest.tag)
     except bentoml.exceptions.NotFound:
         pass
-    with bentoml.models.create(BENTO_MODEL, metadata={"sha256": meta.get("sha256"), "source": str(base)}) as m:
+    with bentoml.models.create(BENTO_MODEL, metadata={"sha256": meta.sha256, "source": str(base)}) as m:
         shutil.copytree(base, m.path, dirs_exist_ok=True)
     return str(m.tag)
 
@@ -433,108 +463,10 @@ def bento_build() -> None:
     import subprocess
     import sys
 
-    base = Path(os.environ.get("ADAPTSERVE_BASE_MODEL") or _ensure_default_model())
-    tag = import_base_to_bentoml(base)
+    tag = import_base_to_bentoml(base_model())
     console.print(f"base model in BentoML's store: {tag}")
     root = Path(__file__).resolve().parent.parent
     raise typer.Exit(subprocess.call([sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml"], cwd=root))
-
-
-adapters_app = typer.Typer(
-    help="The adapter registry: list, register, promote, rollback, delete.", no_args_is_help=True
-)
-app.add_typer(adapters_app, name="adapters")
-
-
-def _registry():
-    from models.registry import open_registry
-
-    return open_registry(paths.home())
-
-
-@adapters_app.command("list")
-def adapters_list() -> None:
-    """Every adapter with its versions and champion."""
-    table = Table("adapter", "version", "champion", "created", "target acc")
-    for info in _registry().list_adapters():
-        for v in info.versions:
-            acc = ((v.metadata.get("metrics") or {}).get("target_test") or {}).get("accuracy")
-            table.add_row(
-                info.name,
-                str(v.version),
-                "*" if v.is_champion else "",
-                str(v.created_at),
-                "" if acc is None else f"{acc:.3f}",
-            )
-    console.print(table)
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM handler: leave through SystemExit(128 + 15), so `with` and `finally` blocks clean up (the default
-    action ends the process on the spot and leaves its staging dir to the next sweep)."""
-    raise SystemExit(128 + signum)
-
-
-@adapters_app.command("register")
-def adapters_register(
-    name: Annotated[str, typer.Argument(help="adapter name: [a-z0-9][a-z0-9-_]{0,63}")],
-    src: Annotated[
-        Path, typer.Argument(help="PEFT adapter dir (adapter_config.json, adapter_model.safetensors, metadata.json)")
-    ],
-    base: Annotated[Path | None, typer.Option(help="base model dir [default: embedded model]")] = None,
-    promote: Annotated[bool, typer.Option(help="make it the champion right away")] = False,
-) -> None:
-    """Check an adapter against the base, build its verified ONNX model, and register it as a new version."""
-    import signal
-
-    from models.artifacts import ArtifactError
-    from models.registry import RegistryError
-    from pipelines.release import publish
-
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        v = publish(_registry(), name, src, base or _ensure_default_model(), promote)
-    except (ArtifactError, RegistryError, ValueError) as err:
-        _fail(str(err))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    console.print(f"registered {name} v{v.version}" + (" (champion)" if v.is_champion else ""))
-
-
-@adapters_app.command("promote")
-def adapters_promote(name: str, version: int) -> None:
-    """Make VERSION the champion of NAME (running services swap it in within a second)."""
-    from models.registry import RegistryError
-
-    try:
-        _registry().promote(name, version)
-    except RegistryError as err:
-        _fail(str(err))
-    console.print(f"{name}: champion is now v{version}")
-
-
-@adapters_app.command("rollback")
-def adapters_rollback(name: str) -> None:
-    """Make the previous champion of NAME the champion again."""
-    from models.registry import RegistryError
-
-    try:
-        v = _registry().rollback(name)
-    except RegistryError as err:
-        _fail(str(err))
-    console.print(f"{name}: rolled back to v{v.version}")
-
-
-@adapters_app.command("delete")
-def adapters_delete(name: str, version: int) -> None:
-    """Delete a version (never the champion)."""
-    from models.registry import RegistryError
-
-    try:
-        _registry().delete(name, version)
-    except RegistryError as err:
-        _fail(str(err))
-    console.print(f"deleted {name} v{version}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -16,30 +15,21 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from models import paths
-from pipelines.jobs import END_STATES, STATES, Job, JobError, JobStore
+from pipelines.cli_support import console, fail, load_settings, make_app
+from pipelines.jobs import END_STATES, STATES, DuplicateJobError, Job, JobError, JobStore
 from pipelines.runner import JobRunner
-from pipelines.runner_lock import runner_pid
+from pipelines.runner_lock import RunnerLockedError, runner_pid
 from pipelines.schedules import ScheduleStore
 
-jobs_app = typer.Typer(help="Retrain jobs: run the job runner, list jobs, show one.", no_args_is_help=True)
-schedules_app = typer.Typer(
-    help="Cron schedules that start retrain jobs (5-field crontab, UTC; the job runner fires them).",
-    no_args_is_help=True,
-)
-console = Console()
+jobs_app = make_app("Retrain jobs: run the job runner, list jobs, show one.")
+schedules_app = make_app("Cron schedules that start retrain jobs (5-field crontab, UTC; the job runner fires them).")
 EXIT_CODES = {"succeeded": 0, "rejected": 3, "failed": 1}
 _COLORS = {"queued": "cyan", "running": "blue", "succeeded": "green", "rejected": "yellow", "failed": "red"}
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
 
 
 def _state(state: str) -> str:
@@ -80,10 +70,9 @@ def runner_command(
     own process). One runner per ADAPTSERVE_HOME; stop it with Ctrl-C or SIGTERM."""
     from rich.logging import RichHandler
 
-    from pipelines.runner_lock import RunnerLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
-    base = base or (Path(os.environ["ADAPTSERVE_BASE_MODEL"]) if os.environ.get("ADAPTSERVE_BASE_MODEL") else None)
+    base = base or load_settings().base_model  # None: the runner resolves the embedded default itself
     runner = JobRunner(
         paths.home(),
         base_dir=base,
@@ -100,7 +89,7 @@ def runner_command(
         else:
             runner.run_forever()
     except RunnerLockedError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @jobs_app.command("list")
@@ -113,7 +102,7 @@ def jobs_list(
     try:
         jobs = JobStore(paths.home()).list(adapter=adapter, state=state, limit=limit)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=12)  # whole, so it can be copied into `jobs show`
     for column in ("adapter", "trigger", "state", "done", "created (UTC)", "ran"):
@@ -144,7 +133,7 @@ def jobs_show(
     try:
         job = JobStore(paths.home()).get(job_id)
     except JobError as err:
-        _fail(str(err))
+        fail(str(err))
     console.print_json(json.dumps(job.to_dict(include_log=False)))
     console.rule("log")
     console.print(job.log, markup=False, highlight=False, end="")
@@ -159,7 +148,7 @@ def schedules_add(
     try:
         schedule = ScheduleStore(paths.home()).add(adapter, cron)
     except JobError as err:
-        _fail(str(err))
+        fail(str(err))
     next_run = schedule.to_dict()["next_run_at"]
     console.print(f"schedule {schedule.id}: retrain {adapter} at '{schedule.cron}' (UTC); next run {next_run}")
 
@@ -180,28 +169,47 @@ def schedules_delete(schedule_id: Annotated[int, typer.Argument(help="schedule i
     try:
         schedule = ScheduleStore(paths.home()).delete(schedule_id)
     except JobError as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"deleted schedule {schedule.id} ({schedule.adapter}, '{schedule.cron}')")
 
 
 def retrain_command(
     adapter: Annotated[str, typer.Option("--adapter", help="registered adapter to retrain")],
     wait: Annotated[
-        bool, typer.Option(help="follow the job's progress until it ends; exit 0 succeeded, 3 rejected, 1 failed")
+        bool,
+        typer.Option(
+            help="follow the job's progress until it ends (the adapter's job already queued or running, if it has "
+            "one); exit 0 succeeded, 3 rejected, 1 failed"
+        ),
     ] = False,
     poll: Annotated[float, typer.Option(help="--wait only: seconds between looks at the job")] = 0.5,
 ) -> None:
     """Queue a retrain job for ADAPTER (the job runner runs it: `adaptserve jobs runner`)."""
     try:
         job = JobStore(paths.home()).submit(adapter, "manual", "requested from the command line")
+    except DuplicateJobError as err:
+        if not wait:
+            fail(str(err))
+        job = err.existing  # one job per adapter at a time: the one there is, is the one to wait for
+        console.print(f"{adapter} already has a {job.state} retrain job [bold]{job.id}[/bold]: following it")
     except JobError as err:
-        _fail(str(err))
-    console.print(f"queued retrain job [bold]{job.id}[/bold] for {adapter} (`adaptserve jobs show {job.id}`)")
-    _no_runner_note()
+        fail(str(err))
+    else:
+        console.print(f"queued retrain job [bold]{job.id}[/bold] for {adapter} (`adaptserve jobs show {job.id}`)")
+    if job.state == "queued":
+        _no_runner_note()
     if wait:
         job = _follow(job, poll)
-        console.print(f"job {job.id} {_state(job.state)}: {job.error or job.message}")
+        _print_end(job)
         raise typer.Exit(EXIT_CODES[job.state])
+
+
+def _print_end(job: Job) -> None:
+    """How the job ended, and the gate's numbers behind a promotion or a rejection (the job's result.reason)."""
+    console.print(f"job {job.id} {_state(job.state)}: {escape(job.error or job.message)}")
+    reason = (job.result or {}).get("reason")
+    if reason:
+        console.print(f"  {escape(str(reason))}", highlight=False)
 
 
 def _follow(job: Job, poll: float) -> Job:

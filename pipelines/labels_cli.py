@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models import paths
-from models.artifacts import ArtifactError, read_json
+from models.metadata import ArtifactError, ModelMeta
 from pipelines.data import DataError
 from pipelines.labels import LabelError, LabelStore, shorten
 
@@ -34,7 +34,7 @@ def data_add(
     console = Console()
     base = base or paths.default_model_dir()
     try:
-        classes = read_json(base / "model.json")["classes"]
+        classes = list(ModelMeta.read(base).classes)
         report = LabelStore(paths.home()).import_folder(adapter, folder, classes)
     except (ArtifactError, DataError, LabelError) as err:
         console.print(f"[red]error:[/red] {err}")

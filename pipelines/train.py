@@ -21,8 +21,11 @@ from models.strategies import Adaptation
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=10, metadata={"help": "maximum epochs"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    """The shared loop's recipe. The defaults are `adaptserve train`'s (its options take them from here), tuned on
+    the embedded digits task with few target labels."""
+
+    epochs: int = field(default=15, metadata={"help": "maximum epochs"})
+    batch_size: int = field(default=32, metadata={"help": "images per step"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd (momentum 0.9, nesterov)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "decoupled weight decay (adamw) / L2 (sgd)"})
     schedule: str = field(default="cosine", metadata={"help": "cosine or plateau (x0.3 after 2 flat epochs)"})

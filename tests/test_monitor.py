@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy.engine import make_url
 
 from models import migrations, settings
-from models.artifacts import load_model, preprocessing_of
+from models.artifacts import load_model
 from models.export import session
 from models.registry import open_registry
 from models.state import close_all
@@ -44,7 +44,7 @@ def traffic(_service_home_template: Path, source_model: Path) -> dict[str, Any]:
     from pipelines.shifts import shift_set
 
     test = digits_splits(32).test
-    transform = preprocessing_of(load_model(source_model)[1]).eval_transform()
+    transform = load_model(source_model)[1].preprocessing.eval_transform()
     sess = session(open_registry(_service_home_template).path("site-a", 1) / "model.onnx")
     out = {}
     for name, images in (("clean", test.images[:200]), ("noisy", shift_set(test, "gaussian_noise", 5).images[:200])):
