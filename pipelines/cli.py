@@ -84,6 +84,7 @@ def pretrain(
 
 
 def _target_data(data: Path | None, shift: str, severity: int, per_class: int, seed: int):
+    # loaded by this command only: every other command starts without it
     from pipelines.compare import CompareConfig, default_target
     from pipelines.data import DataError, load_image_folder
 
@@ -259,6 +260,7 @@ def compare(
     ),
 ) -> None:
     """Run every strategy on the same source model and target data; write compare.md and compare.json."""
+    # loaded by this command only: every other command starts without it
     from pipelines.compare import CompareConfig, check_expectations, run_compare, write_report
 
     cfg = CompareConfig(
@@ -286,6 +288,7 @@ def export_digits(
     size: Annotated[int, typer.Option(help="image side, px")] = 32,
 ) -> None:
     """Write the embedded digits source domain as ImageFolder train/val/test (OUT/<split>/<class>/<index>.png)."""
+    # loaded by this command only: every other command starts without it
     from pipelines.data import digits_splits, write_image_folder
 
     write_image_folder(digits_splits(size), out)
@@ -303,6 +306,7 @@ def make_shift(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Write a shifted copy of an ImageFolder (ImageNet-C style corruption)."""
+    # loaded by this command only: every other command starts without it
     from pipelines.data import SPLITS, DataError, scan_class_folder, write_image_folder
     from pipelines.shifts import shift_set
 
@@ -317,6 +321,7 @@ def make_shift(
 
 def _announce_tokens(home: Path, cfg: settings.Settings) -> None:
     """Without any configured token, create `<home>/tokens` (admin + labeller, mode 0600) and print them once."""
+    # loaded by this command only: every other command starts without it
     from service.auth import ENV_TOKENS, generate_tokens, tokens_file_path
 
     path = tokens_file_path(home)
@@ -340,6 +345,7 @@ def serve(
     engine: Annotated[str | None, typer.Option(help=setting_help("engine"))] = None,
 ) -> None:
     """Start the prediction service (builds the embedded default model first if missing)."""
+    # loaded by this command only: every other command starts without it
     import signal
     import subprocess
     import sys
@@ -392,6 +398,7 @@ def demo(
 
     Exit status: 0 promoted, 3 the gate rejected the challenger, 1 the job failed or the time limit was reached
     (the output says what it was still waiting for)."""
+    # loaded by this command only: every other command starts without it
     from benchmarks.demo import DemoConfig
     from benchmarks.demo import demo as run
 
@@ -439,10 +446,13 @@ app.add_typer(bento_app, name="bento")
 
 def import_base_to_bentoml(base: Path) -> str:
     """Copy the base model dir into BentoML's model store as adaptserve-base (a new version only if it changed)."""
+    # loaded by this command only: every other command starts without it
     import shutil
 
+    # loaded by this command only: every other command starts without it
     import bentoml
 
+    # loaded by this command only: every other command starts without it
     from service.config import BENTO_MODEL
 
     meta = ModelMeta.read(base)
@@ -460,6 +470,7 @@ def import_base_to_bentoml(base: Path) -> str:
 @bento_app.command("build")
 def bento_build() -> None:
     """Import the base model into BentoML's model store and run `bentoml build` (bentofile.yaml)."""
+    # loaded by this command only: every other command starts without it
     import subprocess
     import sys
 

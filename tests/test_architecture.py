@@ -40,13 +40,17 @@ def _function_imports(path: Path) -> list[tuple[int, str]]:
 
 
 def _explained(lines: list[str], lineno: int) -> bool:
-    """A comment on the import's line, or on the line above the block of imports it belongs to."""
-    if "#" in lines[lineno - 1]:
-        return True
-    above = lineno - 2
-    while above >= 0 and lines[above].strip().startswith(("from ", "import ")):
-        above -= 1
-    return above >= 0 and lines[above].strip().startswith("#")
+    """A comment on a line of the import's block (consecutive import lines), or on the line just above it."""
+    def is_import(i: int) -> bool:
+        return 0 <= i < len(lines) and lines[i].strip().startswith(("from ", "import "))
+
+    first = last = lineno - 1
+    while is_import(first - 1):
+        first -= 1
+    while is_import(last + 1):
+        last += 1
+    block = lines[first:last + 1]
+    return any("#" in line for line in block) or (first > 0 and lines[first - 1].strip().startswith("#"))
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
