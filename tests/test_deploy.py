@@ -102,3 +102,28 @@ def test_every_pod_mounts_the_shared_home() -> None:
             assert claims[mount["name"]] == "adaptserve-home", deployment["metadata"]["name"]
     (claim,) = _kind("PersistentVolumeClaim")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+_WITHOUT_BENCHMARKS = """
+import sys
+class NoBenchmarks:  # the Bento ships service/, models/, pipelines/, monitoring/: no benchmarks/
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "benchmarks":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoBenchmarks())
+from typer.main import get_command
+from pipelines.cli import app
+print(" ".join(sorted(get_command(app).commands)))
+"""
+
+
+def test_the_cli_runs_where_benchmarks_are_not_shipped() -> None:
+    """The manifests run `python -m pipelines.cli db upgrade` and `jobs runner` inside the Bento."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_BENCHMARKS], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    commands = out.stdout.split()
+    assert {"db", "jobs", "serve"} <= set(commands) and "bench" not in commands
