@@ -27,7 +27,6 @@ Evidently is imported lazily: importing this module is cheap.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
 import threading
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from models import locks
 from models.paths import home
 from monitoring.detectors import ReferenceSet
 from monitoring.image_stats import STAT_NAMES
@@ -182,12 +182,8 @@ def _add_drift_panels(workspace: Any, project_id: Any) -> None:
 def _workspace_lock(workspace_dir: Path) -> Iterator[None]:
     """Across threads and processes: only one creates a given project."""
     workspace_dir.mkdir(parents=True, exist_ok=True)
-    with _project_lock, open(workspace_dir / ".adaptserve.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with locks.locked(workspace_dir / ".adaptserve.lock", thread_lock=_project_lock):
+        yield
 
 
 def _project(workspace: Any, workspace_dir: Path, name: str) -> Any:
