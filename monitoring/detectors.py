@@ -308,7 +308,7 @@ class DriftDetector:
     def _validate_window(self, window: ReferenceSet) -> None:
         if len(window) < self.config.min_window:
             raise ValueError(f"window has {len(window)} records but min_window is {self.config.min_window}; "
-                             "wait for more traffic or lower DriftConfig.min_window.")
+                             "wait for more traffic or lower ADAPTSERVE_DRIFT_MIN_RECORDS.")
         if window.embeddings.shape[1] != self.reference.embeddings.shape[1]:
             raise ValueError(f"window embeddings have {window.embeddings.shape[1]} dims, the reference has "
                              f"{self.reference.embeddings.shape[1]}; compare records of the same model version.")
