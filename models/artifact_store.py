@@ -270,6 +270,6 @@ class S3ArtifactStore(ArtifactStore):
 
     def _discard(self, tmp: str) -> None:
         try:
-            self.fs.rm_file(tmp)
+            self.fs.rm(tmp)  # rm, not rm_file: s3fs implements only the former
         except FileNotFoundError:
             pass

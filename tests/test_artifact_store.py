@@ -90,7 +90,7 @@ def test_get_file_through_the_cache_reads_the_store_once(store: ArtifactStore, s
     assert store.get_file(SHA, tmp_path / "a" / "weights").read_bytes() == DATA
     assert store.cache_dir is not None
     assert (store.cache_dir / "sha256" / SHA[:2] / SHA).read_bytes() == DATA
-    store.fs.rm_file(store.key(SHA))  # a second fetch that went to the store would now fail
+    store.fs.rm(store.key(SHA))  # a second fetch that went to the store would now fail
     assert store.get_file(SHA, tmp_path / "b").read_bytes() == DATA
 
 
@@ -98,7 +98,7 @@ def test_without_a_cache_every_fetch_reads_the_store(store: ArtifactStore, sourc
     direct = open_store(store.url, cache_dir=None)
     direct.put_file(source)
     assert direct.get_file(SHA, tmp_path / "a").read_bytes() == DATA
-    direct.fs.rm_file(direct.key(SHA))
+    direct.fs.rm(direct.key(SHA))
     with pytest.raises(ArtifactError) as err:
         direct.get_file(SHA, tmp_path / "b")
     assert str(err.value) == f"no artifact sha256:{SHA} in {store.url}"

@@ -126,8 +126,9 @@ def test_train_options_take_default_and_help_from_the_config_dataclasses(cls: ty
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("ADAPTSERVE_WORKERS", "abc", "ADAPTSERVE_WORKERS='abc' is not an integer"),
-        ("ADAPTSERVE_ENGINE", "tpu", "ADAPTSERVE_ENGINE='tpu' must be one of onnx, onnx-int8 or torch"),
+        ("ADAPTSERVE_WORKERS", "abc", "ADAPTSERVE_WORKERS='abc' is not an integer (default 1)"),
+        ("ADAPTSERVE_ENGINE", "tpu",
+         "ADAPTSERVE_ENGINE='tpu' must be one of onnx, onnx-int8 or torch (default onnx)"),
     ],
     ids=["workers", "engine"],
 )

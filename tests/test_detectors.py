@@ -277,7 +277,8 @@ def test_window_below_min_window_is_refused() -> None:
     rng = np.random.default_rng(0)
     detector = DriftDetector(_records(rng, 300), SMALL)
     with pytest.raises(ValueError, match=re.escape(
-            "window has 99 records but min_window is 100; wait for more traffic or lower ADAPTSERVE_DRIFT_MIN_RECORDS.")):
+            "window has 99 records but min_window is 100; "
+            "wait for more traffic or lower ADAPTSERVE_DRIFT_MIN_RECORDS.")):
         detector.check(_records(rng, 99))
 
 

@@ -211,7 +211,9 @@ def test_data_add_command_imports_a_folder(tmp_path: Path, monkeypatch: pytest.M
     home, base = tmp_path / "home", tmp_path / "base"
     monkeypatch.setenv("ADAPTSERVE_HOME", str(home))
     base.mkdir()
-    (base / "model.json").write_text(json.dumps({"classes": CLASSES}))
+    (base / "model.json").write_text(json.dumps({  # the keys every model.json has (models/metadata.py)
+        "kind": "model", "backbone": "resnet18", "classes": CLASSES,
+        "preprocessing": {"crop_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}))
     _write_folder(tmp_path / "new", {"cat": 2, "fox": 1})
     (tmp_path / "new" / "fox" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     app = typer.Typer()
