@@ -8,20 +8,14 @@ never sees a half-written artifact.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
-import shutil
-import tempfile
-from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.classifier import Classifier, build_classifier
+from models.files import atomic_dir, file_sha256
 from models.lora import load_adapter
 from models.metadata import (
     ADAPTER_FILES,
@@ -48,45 +42,7 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a temp dir next to `target`; on success fsync it and rename it to `target` (replacing it)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_model(model: Classifier, meta: ModelMeta | Mapping[str, Any], out: str | Path) -> Path:
+def save_model(model: Classifier, meta: ModelMeta, out: str | Path) -> Path:
     """A full model: model.safetensors (backbone + head) and model.json (everything needed to rebuild it).
 
     The backbone written is the model's own; the weights' sha256 and (unless `meta` has one) the time are set here.
