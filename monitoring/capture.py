@@ -38,10 +38,10 @@ from sqlalchemy import Connection, delete, func, select
 
 from models.background import BackgroundWorker
 from models.db import redact
+from models.legacy import read_rows, retire
 from models.state import open_state
 from monitoring.detectors import ReferenceSet
 from monitoring.image_stats import STAT_NAMES
-from monitoring.legacy import read_rows, retire
 from monitoring.tables import CAPTURE_LOCK, capture_records, insert_new
 
 log = logging.getLogger(__name__)

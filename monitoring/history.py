@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 
 from models.db import redact
+from models.legacy import read_rows, retire
 from models.state import open_state
-from monitoring.legacy import read_rows, retire
 from monitoring.tables import HISTORY_LOCK, drift_checks
 
 log = logging.getLogger(__name__)

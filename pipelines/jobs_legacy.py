@@ -23,19 +23,19 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from contextlib import closing, suppress
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, text
 
 from models.db import Database, redact
+from models.legacy import IMPORTED_SUFFIX, open_legacy, retire
 from pipelines.jobs_tables import ACTIVE_STATES, JOBS_LOCK, bump_generation, jobs, schedules
 
 log = logging.getLogger("adaptserve.jobs")
 
 LEGACY_FILE = "jobs.db"
-IMPORTED_SUFFIX = ".imported"
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's and PostgreSQL's bound-parameter limits
 _JOB_FIELDS = ("id", "adapter", "trigger", "reason", "state", "progress", "message", "created_at", "started_at",
                "finished_at", "result", "error", "log", "runner_pid", "runner_id")
@@ -53,15 +53,14 @@ def import_legacy(database: Database, home: Path, host: str) -> None:
         old_jobs, old_schedules = _read(path)
         copied_jobs = _copy_jobs(conn, old_jobs, path, host)
         copied_schedules = _copy_schedules(conn, old_schedules)
-    _retire(path)
+    retire(path)
     log.info("imported %d job(s) and %d schedule(s) from %s into %s; the file is now %s%s", copied_jobs,
              copied_schedules, path, redact(database.url), path.name, IMPORTED_SUFFIX)
 
 
 def _read(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every job (rowid order) and schedule (id order) of the old file, as dicts of whatever columns it has."""
-    # mode=rw: never create an empty jobs.db if the file went away meanwhile; rw, not ro, so a left-over WAL replays
-    with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=30)) as old:
+    with closing(open_legacy(path)) as old:
         old.row_factory = sqlite3.Row
         tables = {name for (name,) in old.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -132,9 +131,3 @@ def _copy_schedules(conn: Connection, rows: list[dict[str, Any]]) -> int:
         bump_generation(conn)
     return len(keep_id) + len(renumber)
 
-
-def _retire(path: Path) -> None:
-    """jobs.db (and a left-over -wal / -shm) -> jobs.db.imported; another process may have renamed it already."""
-    for suffix in ("", "-wal", "-shm"):
-        with suppress(FileNotFoundError):
-            path.with_name(path.name + suffix).rename(path.with_name(path.name + IMPORTED_SUFFIX + suffix))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterator
-from contextlib import closing, suppress
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,13 @@ from sqlalchemy import (
 )
 
 from models.db import Database, metadata, redact
+from models.legacy import IMPORTED_SUFFIX, open_legacy, retire
 from pipelines.label_trust import Trust
 
 log = logging.getLogger("adaptserve.labels")
 
 LABELS_LOCK = "labels"  # every label store writer, of every home sharing the database, queues on this one
 LEGACY_FILE = "labels.db"
-IMPORTED_SUFFIX = ".imported"
 LEGACY_SENDER = "legacy"  # the sender of rows stored before senders were recorded
 _HAS_PREDICTION, _PENDING = text("prediction_id IS NOT NULL"), text("resolved_at IS NULL")  # partial indexes
 _BATCH = 500  # old rows per insert: bounded memory (each row holds a PNG), and few round trips
@@ -134,11 +134,10 @@ def import_legacy(database: Database, home: Path) -> list[str]:
     with database.write(lock=LABELS_LOCK) as conn:
         if not path.is_file():  # another process imported it while this one waited for the lock
             return []
-        # mode=rw: never create an empty labels.db if the file went away meanwhile; rw, not ro: a left-over WAL replays
-        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=30)) as old:
+        with closing(open_legacy(path)) as old:
             missing = _missing_columns(old)
             copied = 0 if _already_imported(conn, old) else _copy(conn, old)
-    _retire(path)
+    retire(path)
     log.info("imported %d label(s) from %s into %s; the file is now %s%s", copied, path, redact(database.url),
              path.name, IMPORTED_SUFFIX)
     return [f"{table}.{name}" for table, columns in missing.items() for name in columns]
@@ -218,9 +217,3 @@ def _rows(old: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> Iter
     while batch := cursor.fetchmany(_BATCH):
         yield [dict(zip(columns, row, strict=True)) for row in batch]
 
-
-def _retire(path: Path) -> None:
-    """labels.db -> labels.db.imported, with its -wal and -shm, so SQLite still pairs them if anyone opens it."""
-    for suffix in ("", "-wal", "-shm"):
-        with suppress(FileNotFoundError):  # another process renamed it first; -wal and -shm are usually gone
-            path.with_name(path.name + suffix).rename(path.with_name(path.name + IMPORTED_SUFFIX + suffix))

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
-from contextlib import closing, suppress
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from sqlalchemy import (
 
 from models import settings
 from models.db import Database, metadata, redact
+from models.legacy import IMPORTED_SUFFIX, open_legacy, retire
 from models.state import open_state
 from pipelines.label_images import DEFAULT_MAX_SHORT_SIDE, encode_png, prepare_image
 from service.decode import DecodeLimits, open_image
@@ -48,7 +49,6 @@ log = logging.getLogger("adaptserve")
 
 INPUTS_LOCK = "feedback_inputs"
 LEGACY_FILE = "inputs.db"
-IMPORTED_SUFFIX = ".imported"
 _LIVE, _DEAD = text("png IS NOT NULL"), text("png IS NULL")  # partial indexes: each prune scans only its kind
 
 feedback_inputs = Table(
@@ -274,12 +274,9 @@ def import_legacy(database: Database, home: Path) -> None:
     with database.write(lock=INPUTS_LOCK, durable=False) as conn:
         if not path.is_file():  # another process imported it while this one waited for the lock
             return
-        # mode=rw: never create an empty inputs.db if the file went away meanwhile; rw, not ro: a left-over WAL replays
-        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=30)) as old:
+        with closing(open_legacy(path)) as old:
             copied = _copy_legacy(conn, old)
-    for suffix in ("", "-wal", "-shm"):  # renamed together, so SQLite still pairs them if anyone opens the file
-        with suppress(FileNotFoundError):  # another process renamed it first; -wal and -shm are usually gone
-            path.with_name(path.name + suffix).rename(path.with_name(path.name + IMPORTED_SUFFIX + suffix))
+    retire(path)
     log.info("imported %d feedback input(s) from %s into %s; the file is now %s%s", copied, path,
              redact(database.url), path.name, IMPORTED_SUFFIX)
 
