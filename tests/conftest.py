@@ -97,6 +97,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture
+def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The stores of this test on `db_url` (tests/state_backend.py says what each backend needs); every engine the
+    test opened is disposed at its end (PostgreSQL's connection slots are few)."""
+    from state_backend import use_backend
+
+    from models.state import close_all
+
+    use_backend(db_url, monkeypatch)
+    yield db_url
+    close_all()
+
+
 @pytest.fixture(scope="session")
 def _moto_server() -> Iterator[MotoServer]:
     server = MotoServer().start()

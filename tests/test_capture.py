@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy.engine import make_url
 
-from models import migrations
 from models.state import close_all
 from monitoring.capture import (
     AsyncCapture,
@@ -43,19 +40,10 @@ def _records(n: int, adapter: str = "a", version: int = 1, start: float | None =
     return records
 
 
-@pytest.fixture(autouse=True)
-def _close_databases() -> Iterator[None]:
-    yield
-    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
-
 
 @pytest.fixture
-def home(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A home on the test's backend: sqlite leaves ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db),
-    postgresql points it at a fresh database at head."""
-    if make_url(db_url).get_backend_name() == "postgresql":
-        migrations.upgrade(db_url)
-        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+def home(backend: str, tmp_path: Path) -> Path:
+    """A home on the test's backend (the `backend` fixture of tests/conftest.py)."""
     return tmp_path / "home"
 
 

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,12 +30,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import insert, inspect, select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from models import migrations
 from models.db import metadata
-from models.state import close_all
 from pipelines.jobs import LEASE_ERROR, ORPHAN_ERROR, DuplicateJobError, JobStore
 from pipelines.jobs_tables import JOBS_LOCK, TABLES, jobs
 from pipelines.runner import JobRunner
@@ -45,20 +41,6 @@ from pipelines.schedules import ScheduleStore, cron_trigger, latest_fire
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ("ok-a", "rej-b", "bad-c", "die-d", "slow-e")
 
-
-@pytest.fixture(autouse=True)
-def _close_databases() -> Iterator[None]:
-    yield
-    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
-
-
-@pytest.fixture
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """sqlite: ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db); postgresql: a fresh database at head."""
-    if make_url(db_url).get_backend_name() == "postgresql":
-        migrations.upgrade(db_url)
-        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
-    return db_url
 
 
 @pytest.fixture

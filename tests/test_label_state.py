@@ -45,13 +45,6 @@ def image(seed: int, size: tuple[int, int] = (16, 16)) -> Image.Image:
 
 
 @pytest.fixture
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    use_backend(db_url, monkeypatch)
-    yield db_url
-    close_all()
-
-
-@pytest.fixture
 def shared(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """One PostgreSQL database that every home of the test uses, as replicas behind a load balancer do."""
     use_backend(postgres_url, monkeypatch)

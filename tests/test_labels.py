@@ -6,7 +6,6 @@ Every test runs on both backends of the state database (`db_url`): SQLite under 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 from sqlalchemy import func, inspect, select
-from state_backend import use_backend
 
 from models.db import Database
 from models.preprocessing import Preprocessing
-from models.state import close_all, open_state
+from models.state import open_state
 from pipelines.data import DataError
 from pipelines.label_db import labels
 from pipelines.label_images import example_id, prepare_image
@@ -34,11 +32,7 @@ def image(seed: int, size: tuple[int, int] = (16, 16)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), mode="RGB")
 
 
-@pytest.fixture(autouse=True)
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    use_backend(db_url, monkeypatch)
-    yield db_url
-    close_all()
+pytestmark = pytest.mark.usefixtures("backend")  # every test on both backends (tests/conftest.py)
 
 
 @pytest.fixture

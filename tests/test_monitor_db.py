@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,7 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy.engine import make_url
 
-from models import migrations
 from models.db import metadata
 from models.state import close_all
 from monitoring import capture
@@ -78,18 +75,10 @@ CREATE INDEX IF NOT EXISTS drift_checks_by_adapter ON drift_checks (adapter, id)
 """
 
 
-@pytest.fixture(autouse=True)
-def _close_databases() -> Iterator[None]:
-    yield
-    close_all()  # this test's engines (a PostgreSQL database per test) give their connections back
-
 
 @pytest.fixture
-def home(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """sqlite: ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db); postgresql: a fresh database at head."""
-    if make_url(db_url).get_backend_name() == "postgresql":
-        migrations.upgrade(db_url)
-        monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+def home(backend: str, tmp_path: Path) -> Path:
+    """A home on the test's backend (the `backend` fixture of tests/conftest.py)."""
     path = tmp_path / "home"
     path.mkdir()
     return path
