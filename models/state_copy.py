@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Integer, MetaData, Table, delete, func, insert, inspect, select, text, tuple_
 
 from models import migrations
-from models.artifact_store import ArtifactStore, check_digest
+from models.artifact_store import ArtifactError, ArtifactStore, check_digest
 from models.db import Database, metadata, redact
 
 CRASH_ENV = "ADAPTSERVE_COPY_CRASH_AFTER_BATCHES"  # test-only: SIGKILL after this many row batches (see _Batches)
@@ -46,6 +46,7 @@ BATCH_ROWS = 500
 BATCH_BYTES = 16 * 2**20
 _FETCH_ROWS = 64  # rows read from the source at a time: an input row may hold a 512 KiB image
 
+T = TypeVar("T")
 Progress = Callable[[str, int, int], None]  # (what: "objects" or "rows", done, total)
 
 
@@ -165,9 +166,9 @@ def copy_objects(source: ArtifactStore, dest: ArtifactStore, objects: list[tuple
     copied = size = 0
     with tempfile.TemporaryDirectory(prefix="adaptserve-copy-") as tmp:
         for done, (digest, nbytes) in enumerate(objects, 1):
-            if not dest.exists(digest):
+            if not reach(dest, dest.exists, digest):
                 path = source.get_file(digest, Path(tmp) / digest)  # hashed on the way: a corrupt object stops here
-                stored = dest.put_file(path)  # read back and hashed in the destination before it becomes visible
+                stored = reach(dest, dest.put_file, path)  # read back and hashed there before it becomes visible
                 if stored != digest:
                     raise CopyError(f"object sha256:{digest} changed on its way to {dest.url} (sha256:{stored})")
                 path.unlink()
@@ -175,6 +176,17 @@ def copy_objects(source: ArtifactStore, dest: ArtifactStore, objects: list[tuple
             if progress:
                 progress("objects", done, len(objects))
     return copied, size
+
+
+def reach(store: ArtifactStore, call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` on a store; whatever the store's client raises (a botocore error for missing credentials or an
+    endpoint that does not answer, an OSError for a missing bucket) becomes a CopyError naming the store."""
+    try:
+        return call(*args)
+    except ArtifactError:
+        raise
+    except Exception as err:  # the S3 client's errors are its own classes (botocore), not OSError
+        raise CopyError(f"artifact store {store.url}: {type(err).__name__}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------------ rows
@@ -306,12 +318,13 @@ def copy_state(source: Database, source_store: ArtifactStore, dest: Database, de
         objects = list_objects(source_store)
         report = CopyReport(rows, len(objects), 0, 0, revision, dry_run=dry_run)
         if dry_run:
-            missing = [(d, n) for d, n in objects if not dest_store.exists(d)]
+            missing = [(d, n) for d, n in objects if not reach(dest_store, dest_store.exists, d)]
             report.objects_copied, report.bytes_copied = len(missing), sum(n for _, n in missing)
             report.occupied = found
         else:
             if found:
                 raise DestinationNotEmpty(dest, found)
+            reach(dest_store, dest_store.exists, "0" * 64)  # credentials and endpoint work, before anything is written
             migrations.upgrade(dest)
             report.objects_copied, report.bytes_copied = copy_objects(source_store, dest_store, objects, progress)
             report.sequences = _copy_rows(src, dest, rows, batch_rows, progress)

@@ -2,7 +2,8 @@
 real PostgreSQL database (a SQLite file too) and a real S3-compatible store (moto), then compared table by table over
 `models.db.metadata`, so a table added later is covered without touching this file. Also: the stores read the same
 state on the destination and insert after it (sequences), a second copy is refused, a copy killed among its row
-batches leaves no rows and a rerun completes, the dry run writes nothing.
+batches leaves no rows and a rerun completes, the dry run writes nothing and the copy only reads the source, a store
+that cannot be reached stops the copy before anything is written.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from PIL import Image
 from rich.filesize import decimal
 from safetensors.numpy import save as save_safetensors
+from servers import free_port  # tests/ is on sys.path (rootdir)
 from sqlalchemy import Table, inspect, select
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
@@ -275,7 +277,8 @@ def test_a_copy_killed_among_its_row_batches_leaves_no_rows_and_a_rerun_complete
         assert rows(postgres_url, table) == rows(url_for_home(built_home.path), table), table.name
 
 
-def test_a_dry_run_writes_nothing(built_home: BuiltHome, postgres_url: str, s3_url: str) -> None:
+def test_a_dry_run_writes_nothing_and_the_copy_only_reads_the_source(built_home: BuiltHome, postgres_url: str,
+                                                                     s3_url: str) -> None:
     result = copy(postgres_url, s3_url, "--home", str(built_home.path), "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"would copy from {built_home.path} to {redact(postgres_url)}" in result.output
@@ -288,6 +291,13 @@ def test_a_dry_run_writes_nothing(built_home: BuiltHome, postgres_url: str, s3_u
     database = Database(postgres_url)
     assert inspect(database.engine).get_table_names() == []
     database.dispose()
+
+    # the copy after it leaves the source as the dry run's opening left it (its legacy import done)
+    source = url_for_home(built_home.path)
+    before = {t.name: rows(source, t) for t in copied_tables()}
+    assert copy(postgres_url, s3_url, "--home", str(built_home.path)).exit_code == 0
+    assert {t.name: rows(source, t) for t in copied_tables()} == before
+    assert list_objects(LocalArtifactStore(built_home.path / "artifacts")) == objects
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
@@ -313,3 +323,18 @@ def test_a_copy_that_cannot_go_ahead_says_why(args: list[str], env: dict[str, st
     assert (result.exit_code, result.output) == (1 if "own database" in message else 2,
                                                  message.format(home=tmp_path / "h"))
     assert not (tmp_path / "h").exists()
+
+
+def test_an_unreachable_store_stops_the_copy_before_anything_is_written(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "h").mkdir()
+    result = copy(postgres_url, "s3://nowhere/artifacts", "--home", str(tmp_path / "h"))
+    assert (result.exit_code, result.output) == (1, (
+        "error: artifact store s3://nowhere/artifacts: EndpointConnectionError: Could not connect to the endpoint "
+        f'URL: "http://127.0.0.1:{port}/nowhere/artifacts/sha256/00/{"0" * 64}"\n'))
+    assert migrations.current(postgres_url) is None  # not even the schema
