@@ -231,6 +231,10 @@ def test_a_home_is_copied_whole(built_home: BuiltHome, dest_url: str, s3_url: st
                                                   "were written: db copy writes only into an empty database. To start "
                                                   f"over, {start_over}\n")
     assert {t.name: rows(dest_url, t) for t in copied_tables()} == copied
+    looked = copy(dest_url, s3_url, "--home", str(home), "--dry-run")  # the plan, then the same refusal
+    assert looked.exit_code == 1
+    tail = rf"\ndry run: nothing written \(\d+\.\d s\)\n{re.escape(again.output)}$"
+    assert re.search(tail, looked.output), looked.output
 
     # the stores of a replica on the destination read the same state, and go on from it
     before_jobs = JobStore(home, known_adapters=ADAPTERS).list()
