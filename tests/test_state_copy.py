@@ -152,13 +152,6 @@ def built_home(tmp_path: Path) -> BuiltHome:
     return BuiltHome(home, objects, conflicted)
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def dest_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return url_for_home(tmp_path / "dest")
-    return str(request.getfixturevalue("postgres_url"))
-
-
 def copy(dest: str, artifacts: str, *extra: str) -> Any:
     return CliRunner().invoke(db_cli.app, ["copy", "--to-database", dest, "--to-artifacts", artifacts, *extra])
 
@@ -189,9 +182,10 @@ def holds_no_rows(url: str) -> None:
 # ---------------------------------------------------------------------------------------------------- the copy
 
 
-def test_a_home_is_copied_whole(built_home: BuiltHome, dest_url: str, s3_url: str, tmp_path: Path,
+def test_a_home_is_copied_whole(built_home: BuiltHome, db_url: str, s3_url: str, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    home, source = built_home.path, url_for_home(built_home.path)
+    """To PostgreSQL and to a SQLite file (db_url): the copy is generic over the backend."""
+    home, source, dest_url = built_home.path, url_for_home(built_home.path), db_url
     result = copy(dest_url, s3_url, "--home", str(home), "--batch-rows", "7")
     assert result.exit_code == 0, result.output
     assert (home / "monitor.db.imported").is_file() and not (home / "monitor.db").exists()
