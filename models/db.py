@@ -22,10 +22,12 @@ consistent snapshot, and a write inside `read()` is refused on both backends.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +39,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from models import settings
 
 T = TypeVar("T")
+log = logging.getLogger("adaptserve")
 
 # Constraint names fixed by convention, so a later revision can drop or alter one by name on both backends
 metadata = MetaData(naming_convention={
@@ -52,6 +55,8 @@ _MODE = "adaptserve_mode"  # execution option read by the SQLite "begin" listene
 _DURABLE = "adaptserve_durable"
 # PostgreSQL SQLSTATEs worth a retry: serialization_failure, deadlock_detected, lock_not_available (lock_timeout)
 _PG_RETRY = {"40001", "40P01", "55P03"}
+# What each open write() transaction runs once it has committed (after_commit); a connection not in it is no write's
+_AFTER_COMMIT: weakref.WeakKeyDictionary[Connection, dict[Hashable, Callable[[], None]]] = weakref.WeakKeyDictionary()
 
 
 class DatabaseError(RuntimeError):
@@ -182,14 +187,18 @@ class Database:
         power loss may lose the last commits. Raises DatabaseBusy when the lock stays taken through every attempt.
         """
         conn = self._begin_write(lock, durable)
+        _AFTER_COMMIT[conn] = pending = {}
         try:
             yield conn
             conn.commit()
         except BaseException:
+            pending.clear()  # nothing was committed: nothing to announce
             conn.rollback()
             raise
         finally:
+            _AFTER_COMMIT.pop(conn, None)
             conn.close()
+        _run_after_commit(pending)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -247,6 +256,30 @@ class Database:
         if not durable:
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(lock)})
+
+
+def after_commit(conn: Connection, key: Hashable, callback: Callable[[], None]) -> None:
+    """Run `callback()` once the write() (or transact()) transaction of `conn` has committed; never if it rolls back.
+
+    For work other processes must only see after the commit is visible to them (SQLite's change notification,
+    models/notify.py): SQLAlchemy's own "commit" event fires before the database commits, so a reader it wakes
+    could still read the old rows. One callback per `key` per transaction (a second one is dropped). A callback
+    runs after the connection went back to the pool; an exception it raises is logged, not raised: the write
+    itself succeeded.
+    """
+    pending = _AFTER_COMMIT.get(conn)
+    if pending is None:
+        raise DatabaseError("after_commit() needs the connection of an open Database.write() or transact(): only "
+                            "there is the commit known")
+    pending.setdefault(key, callback)
+
+
+def _run_after_commit(callbacks: dict[Hashable, Callable[[], None]]) -> None:
+    for key, callback in callbacks.items():
+        try:
+            callback()
+        except Exception:  # the transaction committed: a failed announcement must not look like a failed write
+            log.exception("after-commit callback %r failed", key)
 
 
 def _ensure_wal(dbapi_conn: Any, timeout_s: float) -> None:
