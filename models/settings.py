@@ -70,8 +70,11 @@ class Settings(BaseSettings):
     max_latency_ms: int = _knob(10000, "longest a request may queue before 503 (with `Retry-After`)", "serving",
                                 ge=1)
     max_loaded: int = _knob(32, "adapter versions kept loaded per worker (LRU)", "serving", ge=1)
-    poll_s: float = _knob(0.25, "registry poll interval, s: a promote reaches every worker within it", "serving",
-                          gt=0)
+    poll_s: float = _knob(0.25, "registry poll interval, s: a promote reaches every worker within it even when its "
+                          "notification is lost", "serving", gt=0)
+    notify: bool = _knob(True, "wake every worker as soon as the registry changes (1/0): PostgreSQL LISTEN/NOTIFY, "
+                         "on SQLite a datagram to each worker's socket in `<state.db>-notify/`; 0: poll only",
+                         "serving")
     monitor: bool = _knob(True, "capture predictions and check drift (1/0)", "serving")
     job_runner: bool = _knob(True, "start the retrain job runner + scheduler beside the service (1/0)", "serving")
 

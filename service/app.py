@@ -33,6 +33,7 @@ from service.auth import Authenticator, Principal
 from service.background import RunnerSupervisor
 from service.http import BodyLimitMiddleware, ReadinessMiddleware
 from service.views import dashboard_data
+from service.watch import Serialized, follow, subscribe
 
 log = logging.getLogger("adaptserve")
 api = FastAPI(title="adaptserve", description="Adapters, status and admin routes")
@@ -99,6 +100,8 @@ class AdaptServe:
         self.jobs = JobStore(self.cfg.home)
         self.schedules = ScheduleStore(self.cfg.home)
         self.supervisor = None
+        self.changes = None  # the registry's change subscription, opened at startup (a thread of this worker)
+        self.refresh = Serialized(self.rt.refresh)
         ReadinessMiddleware.probe = self.rt.readiness
 
     def __is_ready__(self) -> bool:
@@ -106,6 +109,7 @@ class AdaptServe:
 
     @bentoml.on_startup
     async def _start_background(self) -> None:
+        self.changes = subscribe(self.cfg.home, self.cfg.notify)
         asyncio.get_running_loop().create_task(self._poll())
         asyncio.get_running_loop().create_task(self._export_job_counts())
         if self.rt.monitor is not None:
@@ -116,18 +120,16 @@ class AdaptServe:
 
     @bentoml.on_shutdown
     def _stop_background(self) -> None:
+        if self.changes is not None:
+            self.changes.close()
         if self.supervisor is not None:
             self.supervisor.stop()
         self.rt.close()
 
     async def _poll(self) -> None:
-        """Notice promotes/rollbacks made through any worker, the CLI or a retrain job within `poll_s` seconds."""
-        while True:
-            await asyncio.sleep(self.cfg.poll_s)
-            try:
-                await asyncio.to_thread(self.rt.refresh)
-            except Exception:  # keep polling: a transient database error must not stop hot swaps
-                log.exception("registry refresh failed")
+        """Apply promotes/rollbacks made through any worker, the CLI or a retrain job as soon as their notification
+        arrives, and within `poll_s` seconds without one (service/watch.py)."""
+        await follow(self.refresh, self.changes, self.cfg.poll_s)
 
     async def _export_job_counts(self) -> None:
         """Jobs run in the runner process; their counts reach Prometheus through the workers' /metrics."""
@@ -208,7 +210,7 @@ class AdaptServe:
 
     # --- admin routes -----------------------------------------------------------------------------
     def _changed(self, result: Any) -> dict:
-        swaps = self.rt.refresh()  # this worker applies it now; the others within poll_s
+        swaps = self.refresh()  # this worker applies it now; the others when notified (within poll_s without)
         return {"result": _jsonable(result), "swaps": [s.__dict__ for s in swaps], "champions": self.rt.champions}
 
     @api.post("/adapters/promote")

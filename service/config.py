@@ -24,6 +24,7 @@ class ServiceConfig:
     max_latency_ms: int = settings.default("max_latency_ms")
     max_loaded: int = settings.default("max_loaded")
     poll_s: float = settings.default("poll_s")
+    notify: bool = settings.default("notify")
     threads: int = settings.default("threads")
     monitor: bool = settings.default("monitor")
     feedback_ttl_s: float = settings.default("feedback_ttl_s")
@@ -50,6 +51,7 @@ class ServiceConfig:
             max_latency_ms=s.max_latency_ms,
             max_loaded=s.max_loaded,
             poll_s=s.poll_s,
+            notify=s.notify,
             threads=s.threads,
             monitor=s.monitor,
             feedback_ttl_s=s.feedback_ttl_s,

@@ -4,12 +4,18 @@ import base64
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlalchemy import text
 from starlette.testclient import TestClient
 
+from models import notify
+from models.db import Database
+from models.registry import open_registry
+from models.state import state_url
 from pipelines.data import digits_splits
 
 TOKEN = "test-token"
@@ -376,3 +382,31 @@ def test_contradicting_labels_are_kept_as_conflicts_not_overwritten(roles, clien
     assert label(TOKEN, "3")["outcome"] in ("same", "relabelled")  # an admin settles it
     after = client.get("/labels/conflicts", params={"adapter": "site-a"}, headers=AUTH).json()
     assert after["conflicts"] == [] and after["summary"]["conflicts"] == 0
+
+
+@pytest.mark.parametrize("notify_on", [True, False], ids=["notified", "poll-only"])
+def test_a_change_made_elsewhere_is_served_once_it_is_published(
+    notify_on: bool, service_home: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promote made outside this worker (as the CLI does) followed by a publish on the state database (what the
+    registry's writes will do on it): with a 30 s poll only the notification can make the worker serve it at once."""
+    monkeypatch.setenv("ADAPTSERVE_POLL_S", "30")
+    monkeypatch.setenv("ADAPTSERVE_NOTIFY", "1" if notify_on else "0")
+    monkeypatch.delenv("ADAPTSERVE_DATABASE_URL", raising=False)
+    client = request.getfixturevalue("client")
+
+    def served() -> int:
+        return {a["name"]: a["serving"] for a in client.get("/adapters").json()["adapters"]}["site-a"]
+
+    assert served() == 1
+    time.sleep(0.5)  # the startup's connect wake-up and its refresh are over
+    open_registry(service_home).promote("site-a", 2)
+    database = Database(state_url(service_home))
+    with database.write() as conn:
+        conn.execute(text("SELECT 1"))
+        notify.publish(conn, notify.REGISTRY)
+    database.dispose()
+    deadline = time.monotonic() + 1.0
+    while served() != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert served() == (2 if notify_on else 1)
