@@ -75,6 +75,8 @@ class BenchConfig:
     threads: int = field(default=1, metadata={"help": "engine threads per worker (ADAPTSERVE_THREADS; 0 = all)"})
     per_request: int = field(default=1, metadata={"help": "JPEG images per request"})
     swap_every: float = field(default=3.0, metadata={"help": "seconds between promotes in the swap phase"})
+    notify: bool = field(default=True, metadata={"help": "workers learn of a promote by notification "
+                                                 "(ADAPTSERVE_NOTIFY; off: by their poll only)"})
     targets: str = field(default="all", metadata={"help": "LoRA target policy of the adapters (head/late/half/all)"})
     warmup: float = field(default=3.0, metadata={"help": "unmeasured seconds of load before each phase"})
     url: str | None = field(default=None, metadata={"help": "drive a running service instead of starting one"})
@@ -104,6 +106,7 @@ def service_env(cfg: BenchConfig, home: Path, base: Path) -> dict[str, str]:
         max_images=max(32, cfg.per_request),
         # the retrain job runner is a process of its own that serves no prediction: not part of this measurement
         job_runner=0,
+        notify=int(cfg.notify),
         # a random-init model has no accuracy to lose; int8 is measured anyway (top-1 agreement with fp32, in the
         # results) and would be refused on a real model beyond the default 1 point (service/engine.py)
         int8_max_drop=1,
@@ -349,6 +352,7 @@ def command(
     threads: Annotated[int, typer.Option(help=_help("threads"), show_default=False)] = 1,
     images_per_request: Annotated[int, typer.Option(help=_help("per_request"), show_default=False)] = 1,
     swap_every: Annotated[float | None, typer.Option(help=_help("swap_every"), show_default=False)] = None,
+    notify: Annotated[bool, typer.Option(help=_help("notify"), show_default=False)] = True,
     targets: Annotated[str, typer.Option(help=_help("targets"), show_default=False)] = "all",
     warmup: Annotated[float | None, typer.Option(help=_help("warmup"), show_default=False)] = None,
     token: Annotated[str | None, typer.Option(help="admin token of --url (default: $ADAPTSERVE_ADMIN_TOKEN)")] = None,
@@ -373,6 +377,7 @@ def command(
         engine=engine,
         threads=threads,
         per_request=images_per_request,
+        notify=notify,
         targets=targets,
         url=url,
         token=token or settings.load().admin_token or TOKEN,

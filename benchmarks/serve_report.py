@@ -136,6 +136,8 @@ def markdown(r: dict[str, Any]) -> str:
     """serve.md: where and how it ran, the table of numbers, the targets, a reading, the definitions."""
     cfg, m = r["config"], r["machine"]
     table = "\n".join(f"| {k} | {v} |" for k, v in _rows(r))
+    # runs before notification was a setting polled only
+    learn = "by notification (`ADAPTSERVE_NOTIFY=1`), else" if cfg.get("notify", False) else "only"
     return f"""# Serving benchmark
 
 Produced by `{r["command"]}` on {r["date"]}.
@@ -186,8 +188,9 @@ int8 keeps accuracy: models/quantize.py, tests/test_quantize.py).
   {cfg["swap_every"]:g} s. Swap latency of one promote: from sending the promote request to the send time of
   the first request after which every request for that adapter (whichever worker answered) named the new
   version; swap_p99_ms is the 99th percentile over the promotes (with few promotes, about the slowest one; the
-  first promote of v2 is a cold load). swap_errors: failed requests + responses naming neither version +
-  promotes that failed + swaps that had not completed by the next promote.
+  first promote of v2 is a cold load). The worker that answers the promote swaps before it answers; the others
+  learn of it {learn} by their poll every `ADAPTSERVE_POLL_S`. swap_errors: failed requests + responses naming
+  neither version + promotes that failed + swaps that had not completed by the next promote.
 - server CPU ms per image: user + system CPU of every server process during a phase / images answered.
 """
 

@@ -9,7 +9,8 @@ at their own interval too, so a notification that never arrives only delays a ch
 delivers it when, and only if, the transaction commits, after the commit is visible. A `Subscription` holds its own
 autocommit psycopg connection that `LISTEN`s, on a background thread; when the server goes away it reconnects
 with backoff, and reports a wake-up after every (re)connect, because notifications sent while it was disconnected
-are lost for good.
+are lost for good. LISTEN needs a session of its own: behind a transaction-pooling PgBouncer it hears nothing (point
+the URL at the server, or live with the poll).
 
 **SQLite** (one machine, several processes): there is no server to tell. Each subscriber binds a datagram socket
 (AF_UNIX, SOCK_DGRAM) in a directory beside the database file (`state.db-notify/`); `publish` registers a
@@ -17,9 +18,10 @@ callback that runs once the write has committed (models/db.py `after_commit`: SQ
 before SQLite commits, so a reader woken from it could still read the old rows) and sends one empty datagram,
 non-blocking, to every socket of the channel there. A socket nobody holds (its process was killed) refuses the
 datagram and is unlinked by the sender; a full queue means that subscriber has a wake-up waiting already. Why this
-and not a faster file poll: it costs nothing while nothing changes (a stat() poll at 20 ms is 50 wake-ups a second
-in every worker, forever, and still averages 10 ms late), it wakes in well under a millisecond, and the cost lands
-on the rare writer: a listdir and one sendto per subscriber (measured in docs/architecture.md). Addresses longer
+and not a faster file poll: a stat() poll every 20 ms is 50 wake-ups a second in every worker, forever (0.5% of a
+core each, measured), and still averages 10 ms late; a waiting socket looks up every CHECK_S only (0.02%), wakes in
+about half a millisecond, and the cost lands on the rare writer: a listdir and one sendto per subscriber (tens of
+microseconds for 8; the numbers and how they were measured: docs/architecture.md). Addresses longer
 than AF_UNIX allows (108 bytes) go through /proc/self/fd/<directory fd>/ (Linux). A subscriber that finds its
 socket file gone (someone cleaned the directory) binds a new one and reports a wake-up, as a PostgreSQL subscriber
 does after a reconnect.
@@ -251,6 +253,7 @@ class Subscription:
                                      else _SocketListener(socket_dir(url), channel))
         self.connects = 0  # successful (re)connects so far, each reported as a wake-up
         self._connected = False
+        self._failures = 0  # failed connects (or connections lost) in a row
         self._cond = threading.Condition()
         self._pending = False
         self._event: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
@@ -322,28 +325,25 @@ class Subscription:
     def _on_connect(self) -> None:
         self.connects += 1
         self._connected = True
-        if self.connects > 1:
-            log.info("notify %s: listening again on %s (reconnect %d)", self.channel, self.where, self.connects - 1)
+        if self._failures:
+            log.info("notify %s: listening on %s again", self.channel, self.where)
+        self._failures = 0
         self._wake()  # what was sent while not listening is lost: the waiter must re-read
 
     def _run(self) -> None:
-        failures = 0
         while not self._closed.is_set():
-            connects = self.connects
             try:
                 self._listener.run(self._on_connect, self._wake, self._closed)
             except Exception as err:  # the server went away, refused us, or the directory is unusable: retry
                 if self._closed.is_set():
                     break
-                failures = 1 if self.connects > connects else failures + 1
-                (log.warning if failures == 1 else log.debug)(
-                    "notify %s on %s: %s; polling only until it reconnects (attempt %d)", self.channel, self.where,
-                    " ".join(str(err).split()) or type(err).__name__, failures)
-            else:
-                failures = 0
+                self._failures += 1  # _on_connect resets it: a connection lost after working counts 1
+                (log.warning if self._failures == 1 else log.debug)(
+                    "notify %s on %s: %s; polling only until it listens again (attempt %d)", self.channel,
+                    self.where, " ".join(str(err).split()) or type(err).__name__, self._failures)
             finally:
                 self._connected = False
-            self._closed.wait(_pause(failures))
+            self._closed.wait(_pause(self._failures))
 
 
 def _pause(failures: int) -> float:
