@@ -110,6 +110,8 @@ def send(directory: Path, channel: str) -> int:
         names = [n for n in os.listdir(directory) if n.startswith(f"{channel}.") and n.endswith(".sock")]
     except FileNotFoundError:  # nobody ever subscribed
         return 0
+    if not names:
+        return 0
     reached = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, \
             _addressable(directory, max(map(len, names), default=0)) as prefix:
