@@ -320,6 +320,8 @@ def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
     recovered = tl.accuracy("shifted", since=promoted_at) if promoted_at else None
     first = {k: next((e.image - onset for e in tl.events if e.kind == k and e.image >= onset), None)
              for k in ("drift", "job", "promote")}
+    onset_at = next((e.at for e in tl.events if e.kind == "phase" and e.image >= onset), None)
+    drift_at = next((e.at for e in tl.events if e.kind == "drift" and e.image >= onset), None)
     lost = (clean or 0) - (shifted or 0)
     return {
         "adapter": cfg.adapter,
@@ -330,6 +332,7 @@ def summarize(tl: Timeline, cfg: DemoConfig, onset: int, state: dict) -> dict:
         "recovered_fraction": ((recovered - shifted) / lost) if recovered is not None and lost > 0 else None,
         "labels_sent": state["labels"],
         "drift_after_images": first["drift"],
+        "drift_after_s": drift_at - onset_at if drift_at is not None and onset_at is not None else None,
         "job_after_images": first["job"],
         "promoted_after_images": first["promote"],
         "promoted": promoted_at is not None,
