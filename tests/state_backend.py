@@ -16,3 +16,14 @@ def use_backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
     else:
         monkeypatch.delenv("ADAPTSERVE_DATABASE_URL", raising=False)
+
+
+def use_artifacts(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`dir`: ADAPTSERVE_ARTIFACTS_URL unset (each home's <home>/artifacts); `s3`: a fresh bucket on moto's server
+    (the `s3_url` fixture, which also points the AWS_* variables at it). Returns the URL, or "dir"."""
+    if kind == "s3":
+        url = str(request.getfixturevalue("s3_url"))
+        monkeypatch.setenv("ADAPTSERVE_ARTIFACTS_URL", url)
+        return url
+    monkeypatch.delenv("ADAPTSERVE_ARTIFACTS_URL", raising=False)
+    return kind
