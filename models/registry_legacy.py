@@ -8,7 +8,7 @@ On the first open of a registry for a home that still has registry.db (models.re
 2. in one write transaction (REGISTRY_LOCK) the adapters (last_version, champion, created_at), their versions
    (metadata, manifest = the recorded sha256 of each file, created_at) and their promotion history (in order) are
    copied, and the generation moves;
-3. the file is renamed ``registry.db.imported`` (its -wal and -shm too, if any are left).
+3. the file is renamed ``registry.db.imported`` (its -wal and -shm too, if any are left: models/legacy.py).
 
 The version dirs stay where they are: they are this home's local copies (models/registry_local.py). A file whose
 bytes no longer match the sha256 recorded for it is not uploaded and its version keeps the recorded manifest: this
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable
-from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from sqlalchemy import Connection, insert, select
 from models.artifact_store import ArtifactStore, check_relpath
 from models.db import Database, redact
 from models.files import file_sha256
+from models.legacy import read_rows, retire
 from models.registry_errors import LegacyImportError
 from models.registry_tables import (
     REGISTRY_LOCK,
@@ -49,7 +48,6 @@ from models.registry_tables import (
 log = logging.getLogger("adaptserve.registry")
 
 LEGACY_FILE = "registry.db"
-IMPORTED_SUFFIX = ".imported"
 
 
 @dataclass
@@ -69,6 +67,8 @@ def import_legacy(database: Database, store: ArtifactStore, home: Path, crash: C
     if not path.is_file():
         return
     old = _read(path)
+    if old is None:
+        return
     damaged = _upload(store, home / "adapters", old.versions)
     with database.write(lock=REGISTRY_LOCK) as conn:
         if not path.is_file():  # another process imported it while this one uploaded or waited for the lock
@@ -77,27 +77,22 @@ def import_legacy(database: Database, store: ArtifactStore, home: Path, crash: C
         _copy(conn, old, names)
         crash("import_before_commit")
     crash("import_after_commit")
-    _retire(path)
+    retired = retire(path)
     versions = sum(1 for row in old.versions if row["name"] in names)
-    log.info("imported %d adapter(s) with %d version(s) from %s into %s and %s; the file is now %s%s%s", len(names),
-             versions, path, redact(database.url), store.url, path.name, IMPORTED_SUFFIX,
+    log.info("imported %d adapter(s) with %d version(s) from %s into %s and %s; the file is now %s%s", len(names),
+             versions, path, redact(database.url), store.url, retired,
              f"; {damaged} version(s) whose files no longer match their sha256 were imported as recorded "
              "(verify refuses them, as before)" if damaged else "")
 
 
-def _read(path: Path) -> _Legacy:
-    # mode=rw: never create an empty registry.db if it went away meanwhile; rw, not ro, so a left-over WAL replays
-    with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=30)) as old:
-        old.row_factory = sqlite3.Row
-        tables = {name for (name,) in old.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-        def rows(table: str, order: str) -> list[dict[str, Any]]:
-            if table not in tables:
-                return []
-            return [dict(zip(row.keys(), row, strict=True)) for row in old.execute(f"SELECT * FROM {table} {order}")]
-
-        return _Legacy(rows("adapters", "ORDER BY name"), rows("versions", "ORDER BY name, version"),
-                       rows("promotions", "ORDER BY id"))
+def _read(path: Path) -> _Legacy | None:
+    """The old file's rows; None when another process retired it meanwhile."""
+    adapters = read_rows(path, "adapters", ("name", "last_version", "champion", "created_at"), "name")
+    versions = read_rows(path, "versions", ("name", "version", "metadata", "sha256", "created_at"), "name, version")
+    promotions = read_rows(path, "promotions", ("name", "version", "previous", "action", "promoted_at"), "id")
+    if adapters is None or versions is None or promotions is None:
+        return None
+    return _Legacy(adapters, versions, promotions)
 
 
 def _upload(store: ArtifactStore, adapters: Path, versions: list[dict[str, Any]]) -> int:
@@ -147,10 +142,3 @@ def _copy(conn: Connection, old: _Legacy, names: set[str]) -> None:
             conn.execute(insert(registry_promotions).values(
                 **{key: row[key] for key in ("name", "version", "previous", "action", "promoted_at")}))
     changed(conn)
-
-
-def _retire(path: Path) -> None:
-    """registry.db (and a left-over -wal / -shm) -> registry.db.imported; another process may have renamed it."""
-    for suffix in ("", "-wal", "-shm"):
-        with suppress(FileNotFoundError):
-            path.with_name(path.name + suffix).rename(path.with_name(path.name + IMPORTED_SUFFIX + suffix))

@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
 import pytest
-from state_backend import use_artifacts, use_backend
 from test_registry_legacy import LEGACY_CRASH_PHASES
 
 from models.registry import (
@@ -41,7 +40,6 @@ from models.registry import (
     open_registry,
 )
 from models.staging import staging_dir
-from models.state import close_all
 
 HELPER = Path(__file__).with_name("registry_crash_helper.py")
 CONFIG = {"peft_type": "LORA", "r": 4}
@@ -95,20 +93,6 @@ def make_adapter(tmp_path: Path, safetensors_bytes: bytes) -> MakeAdapter:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
-
-
-@pytest.fixture
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Every test of this file runs on SQLite (each home its own state.db) and on one PostgreSQL database."""
-    use_backend(db_url, monkeypatch)
-    yield db_url
-    close_all()
-
-
-@pytest.fixture(params=["dir", "s3"])
-def artifacts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The artifact store, for the tests where the files matter: <home>/artifacts, then a bucket on moto's S3."""
-    return use_artifacts(request.param, request, monkeypatch)
 
 
 @pytest.fixture

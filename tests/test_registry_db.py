@@ -21,7 +21,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from safetensors.numpy import save_file
 from sqlalchemy.engine import make_url
-from state_backend import use_artifacts, use_backend
+from state_backend import use_backend
 
 from models import notify
 from models.artifact_store import ArtifactStore, LocalArtifactStore
@@ -29,18 +29,6 @@ from models.db import metadata
 from models.registry import CorruptAdapterError, Registry, UnfetchableAdapterError
 from models.registry_tables import TABLES
 from models.state import close_all
-
-
-@pytest.fixture
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    use_backend(db_url, monkeypatch)
-    yield db_url
-    close_all()
-
-
-@pytest.fixture(params=["dir", "s3"])
-def artifacts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_artifacts(request.param, request, monkeypatch)
 
 
 @pytest.fixture

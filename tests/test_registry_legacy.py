@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from state_backend import use_artifacts, use_backend
+from state_backend import use_backend
 
 from models import registry_legacy
 from models.registry import (
@@ -109,18 +109,6 @@ def legacy_home(home: Path) -> Path:
                        PROMOTIONS)
         db.execute("UPDATE state SET value = 7 WHERE key = 'generation'")
     return home
-
-
-@pytest.fixture
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    use_backend(db_url, monkeypatch)
-    yield db_url
-    close_all()
-
-
-@pytest.fixture(params=["dir", "s3"])
-def artifacts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_artifacts(request.param, request, monkeypatch)
 
 
 @pytest.fixture
