@@ -101,7 +101,8 @@ def _accuracy(registry: AdapterRegistry, base_dir: Path, dataset: ImageSet) -> f
     """The champion of "site" (as the registry serves it) on `dataset`."""
     base, meta = load_model(base_dir)
     champion = registry.champion("site")
-    model, _ = load_adapter_model(champion.path, copy.deepcopy(base), meta)
+    path = registry.load_check("site", champion.version).path  # verified (and fetched when this home has no copy)
+    model, _ = load_adapter_model(path, copy.deepcopy(base), meta)
     return evaluate(model, dataset.with_transform(meta.preprocessing.eval_transform()), list(meta.classes)).accuracy
 
 

@@ -1,8 +1,8 @@
 """The state database: one SQLAlchemy 2 engine per URL (SQLite by default, PostgreSQL for a server) and its
 transactions.
 
-Every store will keep its tables in `metadata` and write through `Database.write()`, which gives the guarantee the
-SQLite stores have today (models/sqlite.py) on both backends:
+Every store keeps its tables in `metadata` and writes through `Database.write()`, which gives the guarantee the
+per-store SQLite files gave before (BEGIN IMMEDIATE, WAL) on both backends:
 
 - **Writers are serialized.** SQLite: `BEGIN IMMEDIATE` takes the file's write lock before the first statement.
   PostgreSQL: the transaction takes a transaction-scoped advisory lock (`pg_advisory_xact_lock`) keyed by the

@@ -1,38 +1,51 @@
-"""Adapter registry: named LoRA adapters, integer versions, one champion per name.
+"""Adapter registry: named LoRA adapters, integer versions, one champion per name, shared by every replica.
 
-Metadata lives in SQLite (``<home>/registry.db``), artifacts on disk under ``<home>/adapters/<name>/<version>/``.
-Serving workers in other processes poll :meth:`AdapterRegistry.generation` to notice changes, so every write
-must be crash-safe and visible atomically:
+Where things live:
 
-* an adapter is copied into a staging dir under ``<home>/tmp``, fsynced, validated and hashed there;
-* inside one ``BEGIN IMMEDIATE`` transaction the staging dir is renamed into place and the row inserted, so a
-  version number is picked under the DB write lock and an artifact dir without a row can only belong to a
-  writer that died (it is swept on the next open);
-* staging dirs carry an ``flock`` held for their whole life, so an open in another process never sweeps a live
-  writer's staging dir, while a SIGKILLed writer's lock disappears with it.
+* rows in the state database (`models.state.open_state(home)`: ADAPTSERVE_DATABASE_URL, else SQLite at
+  ``<home>/state.db``), tables in models/registry_tables.py (revision 0005_registry): adapters, versions with their
+  metadata and manifest ({relative path: sha256}), promotion history, the generation counter;
+* files in the content-addressed artifact store (ADAPTSERVE_ARTIFACTS_URL: a directory or ``s3://...``, default
+  ``<home>/artifacts``), one object per distinct file;
+* each home's verified local copy of the versions it uses under ``<home>/adapters/<name>/<version>/``
+  (models/registry_local.py), the path loaders read: `verify()`, `load_check()`, `path()` and `local()` fetch a
+  missing copy from the store; `get()`, `champion()`, `list_adapters()` only read rows and never download.
 
-``open_registry`` is the entry point; ``AdapterRegistry`` (models/registry_interface.py, with the records and
-the name rules) is the interface a second backend will implement; the errors are in models/registry_errors.py and
-the locked staging dirs in models/staging.py. This module is the SQLite backend.
+Serving workers of every replica poll `generation()` (and, on PostgreSQL, hear models.notify.REGISTRY). Every
+change is one write transaction holding REGISTRY_LOCK that moves the generation and notifies, and survives kill -9:
+
+* register: the adapter is copied into a locked staging dir under ``<home>/tmp``, validated and hashed there
+  (models/adapter_dir.py, models/staging.py); every file is put to the store (each upload verified); only then the
+  version number is picked and the row inserted in one transaction. A kill before the commit leaves no row (objects
+  without a row are harmless: content-addressed); after it, a complete version (the staged dir then becomes this
+  home's local copy; if the kill came first, the copy is fetched on first use).
+* delete: the row goes (and the generation moves) in one transaction, then the local copy. Objects stay in the store
+  (another version may share them by content; nothing collects them yet). Other homes' copies of the deleted
+  version are removed by their next open.
+
+A legacy home's registry.db is imported once on first open (models/registry_legacy.py). The contract is
+models/registry_interface.py (records, names, invariants); the errors are models/registry_errors.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import signal
-import sqlite3
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, Row, delete, insert, select, update
+
 from models import settings
 from models.adapter_dir import merge_metadata, validate_staged
-from models.files import copy_tree_durable, ensure_dir, file_sha256, fsync_dir, hash_tree
+from models.artifact_store import artifacts_url, open_store
+from models.files import copy_tree_durable, ensure_dir, file_sha256, fsync_dir
 from models.metadata import ADAPTER_FILES
 from models.registry_errors import (
     AdapterNotFoundError,
@@ -41,8 +54,10 @@ from models.registry_errors import (
     InvalidAdapterError,
     InvalidNameError,
     InvalidVersionError,
+    LegacyImportError,
     RegistryError,
     RollbackError,
+    UnfetchableAdapterError,
     UnsupportedBackendError,
 )
 from models.registry_interface import (
@@ -55,64 +70,49 @@ from models.registry_interface import (
     check_name,
     check_version,
 )
-from models.sqlite import connect, init_db, transaction
+from models.registry_legacy import import_legacy
+from models.registry_local import LocalCopies
+from models.registry_tables import (
+    REGISTRY_LOCK,
+    changed,
+    registry_adapters,
+    registry_generation,
+    registry_promotions,
+    registry_versions,
+)
 from models.staging import staging_dir, sweep
+from models.state import open_state
 
 __all__ = [
     # the registry
-    "CRASH_ENV", "CRASH_PHASES", "REQUIRED_FILES", "SQLiteRegistry", "default_home", "open_registry",
+    "CRASH_ENV", "CRASH_PHASES", "REQUIRED_FILES", "Registry", "default_home", "open_registry",
     # its contract (models.registry_interface) and errors (models.registry_errors): callers import them from here
     "MAX_VERSION", "NAME_PATTERN", "AdapterInfo", "AdapterRegistry", "AdapterVersion", "Promotion",
     "AdapterNotFoundError", "ChampionDeleteError", "CorruptAdapterError", "InvalidAdapterError", "InvalidNameError",
-    "InvalidVersionError", "RegistryError", "RollbackError", "UnsupportedBackendError",
+    "InvalidVersionError", "LegacyImportError", "RegistryError", "RollbackError", "UnfetchableAdapterError",
+    "UnsupportedBackendError",
 ]
 
 REQUIRED_FILES = ADAPTER_FILES
 CRASH_ENV = "ADAPTSERVE_REGISTRY_CRASH_AT"
 # Test-only SIGKILL points (see _crash_point); listed so tests can assert they cover every one.
 CRASH_PHASES = (
-    "after_copy",
-    "after_rename",
-    "before_commit",
+    "after_stage",  # register: staged, validated, fsynced; nothing uploaded
+    "after_upload",  # register: every object in the store, no row
+    "before_commit",  # register: the row inserted, not committed
+    "after_commit",  # register: committed; the staged dir not yet this home's local copy
     "promote_before_commit",
     "rollback_before_commit",
     "delete_before_commit",
-    "delete_after_commit",
+    "delete_after_commit",  # the row is gone, the local copy not yet
+    "import_before_commit",  # legacy import: objects uploaded, rows inserted, not committed
+    "import_after_commit",  # legacy import: committed, registry.db not yet renamed
 )
-DB_FILE = "registry.db"
 _MAX_LISTED = 20
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    last_version INTEGER NOT NULL,
-    champion INTEGER,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS versions (
-    name TEXT NOT NULL REFERENCES adapters(name),
-    version INTEGER NOT NULL,
-    metadata TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS promotions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL REFERENCES adapters(name),
-    version INTEGER NOT NULL,
-    previous INTEGER,
-    action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
-    promoted_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO state (key, value) VALUES ('generation', 0);
--- the schema's version: bump it with any change to the tables above
-PRAGMA user_version = 1;
-"""
-
-
-# --------------------------------------------------------------------------------------------- helpers
+log = logging.getLogger("adaptserve.registry")
+_warned: set[Path] = set()  # homes this process warned about a database shared without a shared store
+_VERSION_COLUMNS = (registry_versions.c.name, registry_versions.c.version, registry_versions.c.metadata,
+                    registry_versions.c.manifest, registry_versions.c.created_at)
 
 
 def _crash_point(phase: str) -> None:
@@ -131,114 +131,72 @@ def _shorten(items: list[Any]) -> str:
     return f"[{shown}{more}]"
 
 
-# --------------------------------------------------------------------------------------------- SQLite backend
+class Registry(AdapterRegistry):
+    """The registry of one home: rows in its state database, files in its artifact store, local copies in
+    ``<home>/adapters``. Safe across threads and forked workers (the database opens one engine per process)."""
 
-
-class SQLiteRegistry(AdapterRegistry):
-    """Registry in ``<home>/registry.db`` (WAL, synchronous=FULL) + ``<home>/adapters``.
-
-    A fresh connection per operation keeps it safe across threads and forked workers; writes use
-    BEGIN IMMEDIATE so concurrent writers serialize instead of failing on lock upgrade.
-    """
-
-    def __init__(self, home: str | Path | None = None, *, timeout: float = 30.0) -> None:
-        self.home = Path(home) if home is not None else default_home()
-        self.home = self.home.expanduser().absolute()
-        self.db_path = self.home / DB_FILE
-        self.adapters_dir = self.home / "adapters"
-        self.tmp_dir = self.home / "tmp"
-        self._timeout = timeout
+    def __init__(self, home: str | Path | None = None, config: settings.Settings | None = None) -> None:
+        config = config or settings.load()
+        self.home = (Path(home) if home is not None else config.home).expanduser().absolute()
+        self.adapters_dir, self.tmp_dir = self.home / "adapters", self.home / "tmp"
         ensure_dir(self.home)
-        init_db(self.db_path, _SCHEMA, timeout)
-        self._recover()
+        self.database = open_state(self.home, config)
+        # no digest cache beside it: the local copies are this home's cache, a second one would double the disk
+        self.store = open_store(artifacts_url(config.model_copy(update={"home": self.home})))
+        self.copies = LocalCopies(self.adapters_dir, self.store)
+        if not self.database.is_sqlite and not config.artifacts_url and self.home not in _warned:
+            _warned.add(self.home)
+            log.warning("the registry's rows are on the shared database %r but its files in this home's own %s "
+                        "(%s unset): other homes cannot fetch the versions this one registers, nor this one theirs",
+                        self.database, self.store.url, settings.env_name("artifacts_url"))
+        import_legacy(self.database, self.store, self.home, _crash_point)  # before the sweep: it keeps its dirs
+        sweep(self.tmp_dir)
+        self.copies.sweep(self._live)
 
     def __repr__(self) -> str:
-        return f"SQLiteRegistry(home={str(self.home)!r})"
+        return f"Registry(home={str(self.home)!r}, database={self.database!r}, store={self.store!r})"
 
-    # ---------------------------------------------------------------- connections
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = connect(self.db_path, self._timeout)  # synchronous=FULL: a registered version survives power loss
-        conn.execute("PRAGMA foreign_keys=ON")
-        return conn
+    def _live(self) -> set[tuple[str, int]]:
+        with self.database.read() as conn:
+            return {(n, v) for n, v in conn.execute(select(registry_versions.c.name, registry_versions.c.version))}
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction, so multi-query reads see one consistent WAL snapshot."""
-        with closing(self._connect()) as conn:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            finally:
-                conn.execute("COMMIT")
-
-    @contextmanager
-    def _write(self, commit_phase: str | None = None) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; ``commit_phase`` names the pre-commit crash hook."""
-        with closing(self._connect()) as conn, transaction(conn):
+    def _write(self, commit_phase: str) -> Iterator[Connection]:
+        """One write transaction of REGISTRY_LOCK; `commit_phase` names its test-only kill point before the commit."""
+        with self.database.write(lock=REGISTRY_LOCK) as conn:
             yield conn
-            if commit_phase:
-                _crash_point(commit_phase)
-
-    def _recover(self) -> None:
-        """Sweep what killed writers left: staging dirs, and artifact dirs that never got their DB row.
-
-        Runs under the DB write lock: publishing renames + inserts inside that lock, so any row-less
-        artifact dir seen while holding it belongs to a dead process.
-        """
-        sweep(self.tmp_dir)
-        if not self.adapters_dir.is_dir():
-            return
-        with self._write() as conn:
-            live = {(n, v) for n, v in conn.execute("SELECT name, version FROM versions")}
-            for name_dir in self.adapters_dir.iterdir():
-                for vdir in name_dir.iterdir() if name_dir.is_dir() else ():
-                    if vdir.name.isdigit() and (name_dir.name, int(vdir.name)) not in live:
-                        shutil.rmtree(vdir, ignore_errors=True)
+            _crash_point(commit_phase)
 
     # ---------------------------------------------------------------- lookups (take an open connection)
 
-    def _artifact_dir(self, name: str, version: int) -> Path:
-        return self.adapters_dir / name / str(version)
-
-    def _require_adapter(self, conn: sqlite3.Connection, name: str) -> int | None:
+    def _require_adapter(self, conn: Connection, name: str) -> int | None:
         """Return the champion of ``name`` or raise AdapterNotFoundError listing the names that exist."""
-        row = conn.execute("SELECT champion FROM adapters WHERE name = ?", (check_name(name),)).fetchone()
-        if row is None:
-            names = [n for (n,) in conn.execute("SELECT name FROM adapters ORDER BY name")]
+        row = conn.execute(select(registry_adapters.c.champion).where(registry_adapters.c.name == check_name(name)))
+        found = row.first()
+        if found is None:
+            names = list(conn.scalars(select(registry_adapters.c.name).order_by(registry_adapters.c.name)))
             raise AdapterNotFoundError(f"adapter {name!r} not found; existing adapters: {_shorten(names)}")
-        return row[0]
+        return found.champion
 
-    def _version_numbers(self, conn: sqlite3.Connection, name: str) -> list[int]:
-        return [v for (v,) in conn.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
+    def _version_numbers(self, conn: Connection, name: str) -> list[int]:
+        query = select(registry_versions.c.version).where(registry_versions.c.name == name)
+        return list(conn.scalars(query.order_by(registry_versions.c.version)))
 
-    def _record(self, row: tuple[Any, ...], champion: int | None) -> AdapterVersion:
-        name, version, metadata, sha, created_at = row
-        return AdapterVersion(
-            name=name,
-            version=version,
-            path=self._artifact_dir(name, version),
-            metadata=json.loads(metadata),
-            sha256=json.loads(sha),
-            created_at=created_at,
-            is_champion=version == champion,
-        )
+    def _record(self, row: Row[Any], champion: int | None) -> AdapterVersion:
+        name, version, metadata, manifest, created_at = row
+        return AdapterVersion(name, version, self.copies.path(name, version), json.loads(metadata),
+                              json.loads(manifest), created_at, version == champion)
 
-    def _get(self, conn: sqlite3.Connection, name: str, version: int) -> AdapterVersion:
+    def _get(self, conn: Connection, name: str, version: int) -> AdapterVersion:
         champion = self._require_adapter(conn, name)
-        row = conn.execute(
-            "SELECT name, version, metadata, sha256, created_at FROM versions WHERE name = ? AND version = ?",
-            (name, check_version(version)),
-        ).fetchone()
+        row = conn.execute(select(*_VERSION_COLUMNS).where(
+            registry_versions.c.name == name, registry_versions.c.version == check_version(version))).first()
         if row is None:
             existing = self._version_numbers(conn, name)
             raise AdapterNotFoundError(
                 f"adapter {name!r} has no version {version}; existing versions: {_shorten(existing)}"
             )
         return self._record(row, champion)
-
-    def _bump_generation(self, conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
 
     # ---------------------------------------------------------------- register
 
@@ -250,7 +208,8 @@ class SQLiteRegistry(AdapterRegistry):
             yield stage
 
     def register(self, name: str, src_dir: str | Path, *, metadata: Mapping[str, Any] | None = None) -> AdapterVersion:
-        """Stage, validate, hash and fsync a copy first; only then publish it, so readers never see half an adapter."""
+        """Stage, validate, fsync and upload every file first; only then insert the row, so no reader anywhere ever
+        sees half an adapter."""
         check_name(name)
         src = Path(src_dir)
         if not src.is_dir():
@@ -260,76 +219,64 @@ class SQLiteRegistry(AdapterRegistry):
         with staging_dir(self.tmp_dir) as stage:
             copy_tree_durable(src, stage)
             merged = merge_metadata(stage, validate_staged(src, stage), metadata)
-            sha = hash_tree(stage)
             fsync_dir(stage)
-            _crash_point("after_copy")
-            return self._publish(name, stage, merged, sha)
-
-    def _publish(self, name: str, stage: Path, metadata: dict[str, Any], sha: dict[str, str]) -> AdapterVersion:
-        """Pick the version, rename into place and insert the row in one write transaction."""
-        with self._write(commit_phase="before_commit") as conn:
-            row = conn.execute("SELECT last_version, champion FROM adapters WHERE name = ?", (name,)).fetchone()
-            version, champion = (row[0] + 1, row[1]) if row else (1, None)
-            final = self._artifact_dir(name, version)
-            ensure_dir(final.parent)
-            if final.exists():  # a dead writer's rename whose row never committed (we hold the write lock)
-                shutil.rmtree(final)
-            os.rename(stage, final)
-            fsync_dir(final.parent)
+            _crash_point("after_stage")
+            manifest = self.store.put_tree(stage)  # hashes each staged file; each upload read back and verified
+            _crash_point("after_upload")
+            record = self._insert_version(name, merged, manifest)
+            _crash_point("after_commit")
             try:
-                _crash_point("after_rename")
-                created_at = self._insert_version(conn, name, version, metadata, sha)
-            except BaseException:
-                shutil.rmtree(final, ignore_errors=True)
-                raise
-            return AdapterVersion(name, version, final, metadata, sha, created_at, version == champion)
+                self.copies.adopt(stage, name, record.version)  # the staged dir is this home's copy: no download
+            except OSError as err:  # the version is registered: its copy is fetched from the store on first use
+                log.warning("adapter %s v%s: the staged copy did not become the local copy (%s)", name,
+                            record.version, err)
+        return record
 
-    def _insert_version(
-        self, conn: sqlite3.Connection, name: str, version: int, metadata: dict[str, Any], sha: dict[str, str]
-    ) -> str:
-        now = _now()
-        conn.execute(
-            "INSERT INTO adapters (name, last_version, champion, created_at) VALUES (?, ?, NULL, ?) "
-            "ON CONFLICT(name) DO UPDATE SET last_version = excluded.last_version",
-            (name, version, now),
-        )
-        conn.execute(
-            "INSERT INTO versions (name, version, metadata, sha256, created_at) VALUES (?, ?, ?, ?, ?)",
-            (name, version, json.dumps(metadata, sort_keys=True), json.dumps(sha, sort_keys=True), now),
-        )
-        self._bump_generation(conn)
-        return now
+    def _insert_version(self, name: str, metadata: dict[str, Any], manifest: dict[str, str]) -> AdapterVersion:
+        """Pick the next number under the write lock and insert the row, in one transaction."""
+        with self._write("before_commit") as conn:
+            row = conn.execute(select(registry_adapters.c.last_version, registry_adapters.c.champion)
+                               .where(registry_adapters.c.name == name)).first()
+            version, champion, now = (row.last_version + 1 if row else 1), (row.champion if row else None), _now()
+            if row is None:
+                conn.execute(insert(registry_adapters).values(name=name, last_version=version, created_at=now))
+            else:
+                conn.execute(update(registry_adapters).where(registry_adapters.c.name == name)
+                             .values(last_version=version))
+            conn.execute(insert(registry_versions).values(
+                name=name, version=version, metadata=json.dumps(metadata, sort_keys=True),
+                manifest=json.dumps(manifest, sort_keys=True), created_at=now))
+            changed(conn)
+        return AdapterVersion(name, version, self.copies.path(name, version), metadata, manifest, now,
+                              version == champion)
 
     # ---------------------------------------------------------------- champion changes
 
-    def _set_champion(
-        self, conn: sqlite3.Connection, name: str, version: int, previous: int | None, action: str
-    ) -> None:
-        conn.execute("UPDATE adapters SET champion = ? WHERE name = ?", (version, name))
-        conn.execute(
-            "INSERT INTO promotions (name, version, previous, action, promoted_at) VALUES (?, ?, ?, ?, ?)",
-            (name, version, previous, action, _now()),
-        )
-        self._bump_generation(conn)
+    def _set_champion(self, conn: Connection, name: str, version: int, previous: int | None, action: str) -> None:
+        conn.execute(update(registry_adapters).where(registry_adapters.c.name == name).values(champion=version))
+        conn.execute(insert(registry_promotions).values(
+            name=name, version=version, previous=previous, action=action, promoted_at=_now()))
+        changed(conn)
 
     def promote(self, name: str, version: int, *, verify: bool = True) -> AdapterVersion:
         """Make ``version`` champion; re-promoting the current champion is a no-op (no history row, no bump).
 
-        With `verify` (the default) every file is re-hashed first: a corrupt version raises CorruptAdapterError and
-        the champion stays as it was."""
+        With `verify` (the default) every file is re-hashed first (fetched first if this home has no copy): a corrupt
+        version raises CorruptAdapterError and the champion stays as it was."""
         if verify:
             self.verify(name, version)
-        with self._write(commit_phase="promote_before_commit") as conn:
+        with self._write("promote_before_commit") as conn:
             record = self._get(conn, name, version)
             if not record.is_champion:
                 self._set_champion(conn, name, version, self._require_adapter(conn, name), "promote")
         return replace(record, is_champion=True)
 
-    def _champion_stack(self, conn: sqlite3.Connection, name: str) -> list[int]:
+    def _champion_stack(self, conn: Connection, name: str) -> list[int]:
         """Replay history as a stack (promote pushes, rollback pops back to its target) so repeated
         rollbacks walk further back instead of toggling between the last two champions."""
         stack: list[int] = []
-        rows = conn.execute("SELECT version, action FROM promotions WHERE name = ? ORDER BY id", (name,))
+        rows = conn.execute(select(registry_promotions.c.version, registry_promotions.c.action)
+                            .where(registry_promotions.c.name == name).order_by(registry_promotions.c.id))
         for version, action in rows:
             if action == "promote":
                 stack.append(version)
@@ -340,7 +287,7 @@ class SQLiteRegistry(AdapterRegistry):
 
     def rollback(self, name: str) -> AdapterVersion:
         """Return to the previous champion; versions deleted since are skipped (they cannot be served)."""
-        with self._write(commit_phase="rollback_before_commit") as conn:
+        with self._write("rollback_before_commit") as conn:
             current = self._require_adapter(conn, name)
             if current is None:
                 raise RollbackError(f"cannot roll back adapter {name!r}: it has no champion")
@@ -358,72 +305,83 @@ class SQLiteRegistry(AdapterRegistry):
             return self._get(conn, name, stack[-1])
 
     def history(self, name: str) -> list[Promotion]:
-        with self._read() as conn:
+        p = registry_promotions.c
+        with self.database.read() as conn:
             self._require_adapter(conn, name)
-            rows = conn.execute(
-                "SELECT name, version, previous, promoted_at, action FROM promotions WHERE name = ? ORDER BY id",
-                (name,),
-            ).fetchall()
+            rows = conn.execute(select(p.name, p.version, p.previous, p.promoted_at, p.action)
+                                .where(p.name == name).order_by(p.id)).all()
         return [Promotion(*row) for row in rows]
 
-    # ---------------------------------------------------------------- reads
+    # ---------------------------------------------------------------- reads (rows only: nothing is downloaded)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        with self._read() as conn:
-            champions = dict(conn.execute("SELECT name, champion FROM adapters ORDER BY name").fetchall())
-            rows = conn.execute(
-                "SELECT name, version, metadata, sha256, created_at FROM versions ORDER BY name, version"
-            ).fetchall()
+        with self.database.read() as conn:
+            champions = dict(conn.execute(select(registry_adapters.c.name, registry_adapters.c.champion)
+                                          .order_by(registry_adapters.c.name)).all())
+            rows = conn.execute(select(*_VERSION_COLUMNS).order_by(registry_versions.c.name,
+                                                                   registry_versions.c.version)).all()
         by_name: dict[str, list[AdapterVersion]] = {name: [] for name in champions}
         for row in rows:
-            by_name[row[0]].append(self._record(row, champions[row[0]]))
+            by_name[row.name].append(self._record(row, champions[row.name]))
         return [AdapterInfo(name, champions[name], versions) for name, versions in by_name.items()]
 
     def get(self, name: str, version: int) -> AdapterVersion:
-        with self._read() as conn:
+        with self.database.read() as conn:
             return self._get(conn, name, version)
 
     def champion(self, name: str) -> AdapterVersion | None:
-        with self._read() as conn:
+        with self.database.read() as conn:
             current = self._require_adapter(conn, name)
             return None if current is None else self._get(conn, name, current)
 
-    def path(self, name: str, version: int) -> Path:
-        return self.get(name, version).path
-
     def generation(self) -> int:
-        """One indexed single-row read; workers poll this and reload only when it changes."""
-        with closing(self._connect()) as conn:
-            return conn.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0]
+        """One primary-key read of a one-row table; workers poll this and reload only when it changes."""
+        with self.database.read() as conn:
+            value = conn.scalar(select(registry_generation.c.value).where(registry_generation.c.id == 1))
+        return int(value or 0)
 
-    # ---------------------------------------------------------------- delete / verify
+    # ---------------------------------------------------------------- local copies
 
-    def delete(self, name: str, version: int) -> None:
-        """Drop the row first (commit), then the files: a crash in between leaves only a row-less dir to sweep."""
-        with self._write(commit_phase="delete_before_commit") as conn:
-            record = self._get(conn, name, version)
-            if record.is_champion:
-                raise ChampionDeleteError(
-                    f"cannot delete adapter {name!r} version {version}: it is the current champion; "
-                    "promote another version (or roll back) first"
-                )
-            conn.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
-            self._bump_generation(conn)
-        _crash_point("delete_after_commit")
-        shutil.rmtree(record.path, ignore_errors=True)
+    def local(self, record: AdapterVersion) -> Path:
+        """The dir holding `record`'s files on this home, fetched (every file verified) when it has none yet; an
+        existing copy is returned as it is (verify() re-hashes it)."""
+        return self.copies.ensure(record.name, record.version, record.sha256)
+
+    def path(self, name: str, version: int) -> Path:
+        return self.local(self.get(name, version))
 
     def verify(self, name: str, version: int) -> AdapterVersion:
-        """Re-hash every recorded file; raise CorruptAdapterError listing each missing or changed one."""
+        """Re-hash every recorded file of this home's copy (fetched first when missing); raise CorruptAdapterError
+        listing each missing or changed one."""
         record = self.get(name, version)
+        path = self.local(record)
         problems: list[tuple[str, str, str]] = []
         for rel, expected in sorted(record.sha256.items()):
-            file = record.path / rel
+            file = path / rel
             actual = file_sha256(file) if file.is_file() else "<missing>"
             if actual != expected:
                 problems.append((rel, expected, actual))
         if problems:
             raise CorruptAdapterError(name, version, problems)
         return record
+
+    # ---------------------------------------------------------------- delete
+
+    def delete(self, name: str, version: int) -> None:
+        """Drop the row (commit), then this home's copy: a kill in between leaves a row-less dir the next open
+        sweeps. The store's objects stay (see the module docstring)."""
+        with self._write("delete_before_commit") as conn:
+            record = self._get(conn, name, version)
+            if record.is_champion:
+                raise ChampionDeleteError(
+                    f"cannot delete adapter {name!r} version {version}: it is the current champion; "
+                    "promote another version (or roll back) first"
+                )
+            conn.execute(delete(registry_versions).where(registry_versions.c.name == name,
+                                                         registry_versions.c.version == version))
+            changed(conn)
+        _crash_point("delete_after_commit")
+        self.copies.remove(name, version)
 
 
 # --------------------------------------------------------------------------------------------- factory
@@ -435,20 +393,22 @@ def default_home() -> Path:
 
 
 def open_registry(url_or_path: str | Path | None = None) -> AdapterRegistry:
-    """Open a registry from a home path or ``sqlite:///path`` URL; other schemes are reserved for later backends.
+    """The registry of a home, given as a path or a ``sqlite:///path`` URL naming that directory.
 
-    ``sqlite:///rel/dir`` is relative and ``sqlite:////abs/dir`` absolute (SQLAlchemy's convention); the path
-    is the registry home directory, which holds registry.db and adapters/.
+    ``sqlite:///rel/dir`` is relative and ``sqlite:////abs/dir`` absolute (SQLAlchemy's convention). Where the rows
+    and files live is not part of it: ADAPTSERVE_DATABASE_URL and ADAPTSERVE_ARTIFACTS_URL say, for every home.
     """
     if url_or_path is None or isinstance(url_or_path, Path):
-        return SQLiteRegistry(url_or_path)
+        return Registry(url_or_path)
     scheme, sep, rest = str(url_or_path).partition("://")
     if not sep:
-        return SQLiteRegistry(url_or_path)
+        return Registry(url_or_path)
     if scheme.lower() != "sqlite":
         raise UnsupportedBackendError(
-            f"registry backend {scheme!r} is not supported yet (in {url_or_path!r}); use a path or sqlite:///path"
+            f"registry backend {scheme!r} is not supported yet (in {url_or_path!r}): open a registry by its home "
+            "directory; a shared database and artifact store are set with ADAPTSERVE_DATABASE_URL and "
+            "ADAPTSERVE_ARTIFACTS_URL"
         )
     if not rest.startswith("/") or rest == "/":
         raise UnsupportedBackendError(f"malformed sqlite registry URL {url_or_path!r}; expected sqlite:///path")
-    return SQLiteRegistry(rest[1:])
+    return Registry(rest[1:])

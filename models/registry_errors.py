@@ -62,3 +62,19 @@ class InvalidVersionError(RegistryError, ValueError):
 
 class UnsupportedBackendError(RegistryError, ValueError):
     """open_registry() got a URL scheme with no backend implementation yet."""
+
+
+class UnfetchableAdapterError(CorruptAdapterError):
+    """This home has no copy of the version and the artifact store cannot hand out a verified one (an object is
+    missing or its bytes do not match their sha256): as corrupt as a damaged local copy, so it never serves."""
+
+    def __init__(self, name: str, version: int, reason: str) -> None:
+        self.name, self.version, self.problems = name, version, []
+        RegistryError.__init__(self, f"adapter {name!r} version {version} is corrupt: this home has no copy of it and "
+                                     f"the artifact store refused it: {reason}")
+
+
+class LegacyImportError(RegistryError):
+    """A legacy registry.db cannot be imported as it is; nothing was imported and the file was left in place."""
+
+    status_code = 500

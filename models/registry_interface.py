@@ -1,5 +1,6 @@
 """What every registry backend promises: the adapter names and version numbers it accepts, the records it
-returns, and the abstract interface (`AdapterRegistry`) that SQLite implements today and a server may later.
+returns, and the abstract interface (`AdapterRegistry`) that models/registry.py implements on the state database and
+the artifact store.
 
 Invariants every backend keeps: versions of a name are numbered 1, 2, ... and a number is never reused (not even
 after a delete); a name has at most one champion; every change bumps `generation()`; a record is a snapshot.
@@ -88,7 +89,7 @@ class Promotion:
 
 
 class AdapterRegistry(abc.ABC):
-    """Backend-neutral registry interface, so a server-backed registry can replace SQLite later."""
+    """Backend-neutral registry interface: what every caller may rely on, whatever holds the rows and the files."""
 
     @abc.abstractmethod
     def register(self, name: str, src_dir: str | Path, *, metadata: Mapping[str, Any] | None = None) -> AdapterVersion:
@@ -120,7 +121,14 @@ class AdapterRegistry(abc.ABC):
 
     @abc.abstractmethod
     def path(self, name: str, version: int) -> Path:
-        """Directory holding the version's artifacts."""
+        """Directory holding the version's artifacts on this machine (fetched first if it has no copy)."""
+
+    @abc.abstractmethod
+    def local(self, record: AdapterVersion) -> Path:
+        """`record.path` with the version's files in it: fetched and verified first if this machine has no copy.
+
+        Whoever reads files through a record (`record.path`) without verify() goes through this: a replica that never
+        registered the version has no copy until something asks for one."""
 
     @abc.abstractmethod
     def generation(self) -> int:

@@ -51,12 +51,12 @@ class Settings(BaseSettings):
                                     shown="embedded default")
     database_url: str | None = _knob(
         None, "SQLAlchemy URL of the state database: `sqlite:///PATH` or `postgresql+psycopg://USER:PASSWORD@HOST/DB`;"
-        " `adaptserve db upgrade` creates or migrates its schema (the stores move onto it next; today they keep their "
-        "SQLite files under ADAPTSERVE_HOME)", "state", shown="sqlite:///$ADAPTSERVE_HOME/state.db")
+        " `adaptserve db upgrade` creates or migrates its schema; every store and the registry's rows live in it",
+        "state", shown="sqlite:///$ADAPTSERVE_HOME/state.db")
     artifacts_url: str | None = _knob(
         None, "artifact store, content-addressed by sha256: a directory or `s3://BUCKET/PREFIX` (endpoint and "
-        "credentials from the standard AWS_* variables); not yet used by the registry", "state",
-        shown="$ADAPTSERVE_HOME/artifacts")
+        "credentials from the standard AWS_* variables): the registry's files; replicas sharing a database share it "
+        "too", "state", shown="$ADAPTSERVE_HOME/artifacts")
 
     # ---- serving
     engine: Literal["onnx", "onnx-int8", "torch"] = _knob(

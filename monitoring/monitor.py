@@ -39,7 +39,7 @@ from PIL import Image
 
 from models.background import BackgroundWorker
 from models.files import file_sha256
-from models.registry import NAME_PATTERN
+from models.registry import NAME_PATTERN, CorruptAdapterError
 from monitoring.blas import one_blas_thread
 from monitoring.capture import AsyncCapture, CaptureStore, keep_sample, make_records
 from monitoring.config import MonitorConfig
@@ -241,8 +241,11 @@ class DriftMonitor:
             version = self.registry.get(*key)
         except KeyError as err:  # deleted since the check resolved it
             raise UnknownAdapterError(str(err).strip("'\"")) from None
-        path = Path(version.path) / REFERENCE_FILE
-        if not path.is_file() or REFERENCE_FILE not in version.sha256:
+        try:  # no download for a version without a reference; else fetched when this replica has no copy yet
+            path = self.registry.local(version) / REFERENCE_FILE if REFERENCE_FILE in version.sha256 else None
+        except CorruptAdapterError as err:  # UnfetchableAdapterError: the store has no verified copy either
+            raise NoReferenceError(str(err)) from None
+        if path is None or not path.is_file():
             raise NoReferenceError(f"adapter {key[0]!r} version {key[1]} has no drift reference ({REFERENCE_FILE}): "
                                    "it was published without reference samples or before drift monitoring; "
                                    "register it again with `adaptserve adapters register` to add one.")

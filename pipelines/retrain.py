@@ -352,7 +352,9 @@ def _prepare(registry, home: Path, adapter: str, base_dir: Path, cfg: RetrainCon
     source_holdout = _load_samples(base_dir, "holdout", classes)
     champion = _champion(registry, adapter)
     if champion is not None:
-        registry.load_check(adapter, champion.version)  # refuse a corrupted champion before training on it
+        # re-hash (fetched first when this home has no copy): a corrupted champion is refused before training on it,
+        # and champion.path holds its files for challenger_from and _compare
+        champion = registry.load_check(adapter, champion.version)
         trained_on = champion.meta.base_model
         if trained_on != base_meta.model_id:
             raise RetrainError(

@@ -110,6 +110,15 @@ def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     close_all()
 
 
+@pytest.fixture(params=["dir", "s3"])
+def artifacts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The artifact store of the test, for the tests where files matter: each home's own <home>/artifacts (returns
+    "dir"), then a fresh bucket on moto's S3 (returns its URL; ADAPTSERVE_ARTIFACTS_URL and AWS_* point at it)."""
+    from state_backend import use_artifacts
+
+    return use_artifacts(request.param, request, monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def _moto_server() -> Iterator[MotoServer]:
     server = MotoServer().start()

@@ -37,7 +37,7 @@ from typer import Typer
 from typer.testing import CliRunner
 
 from models import migrations, settings
-from models.registry import SQLiteRegistry
+from models.registry import Registry
 from models.settings import SettingsError
 from models.state import close_all
 from pipelines.jobs import (
@@ -111,11 +111,14 @@ def make_runner(home: Path, **kwargs: Any) -> JobRunner:
 
 
 @pytest.fixture
-def registry(home: Path, tmp_path: Path) -> SQLiteRegistry:
-    """A real registry holding ok-a and slow-e, version 1 of each the champion (no torch needed)."""
+def registry(home: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Registry:
+    """A real registry holding ok-a and slow-e, version 1 of each the champion (no torch needed), on the test's
+    state database (the registry's rows live there too)."""
     from safetensors.numpy import save_file
 
-    reg = SQLiteRegistry(home)
+    if "backend" in request.fixturenames:
+        request.getfixturevalue("backend")
+    reg = Registry(home)
     for name in ("ok-a", "slow-e"):
         src = tmp_path / f"src-{name}"
         src.mkdir()
@@ -295,7 +298,7 @@ def test_unknown_adapter_is_refused(store: JobStore, schedules: ScheduleStore) -
     assert store.list() == [] and schedules.list() == []
 
 
-def test_known_adapters_default_to_the_registry(registry: SQLiteRegistry, backend: str) -> None:
+def test_known_adapters_default_to_the_registry(registry: Registry, backend: str) -> None:
     jobs = JobStore(registry.home)
     assert jobs.known_adapters() == {"ok-a", "slow-e"}
     assert jobs.submit("slow-e").adapter == "slow-e"
@@ -382,7 +385,7 @@ def test_default_job_function_resolves_to_retrain(home: Path) -> None:
 
 @pytest.mark.parametrize("kill", ["process-group", "runner-only"])
 def test_killed_runner_leaves_a_failed_job_and_nothing_else_changed(
-    registry: SQLiteRegistry, home: Path, tmp_path: Path, kill: str, request: pytest.FixtureRequest
+    registry: Registry, home: Path, tmp_path: Path, kill: str, request: pytest.FixtureRequest
 ) -> None:
     jobs, schedules = JobStore(home), ScheduleStore(home)
     schedule = schedules.add("ok-a", "0 3 * * *")
@@ -426,7 +429,7 @@ def test_killed_runner_leaves_a_failed_job_and_nothing_else_changed(
     assert (ran.id, ran.state) == (queued.id, "succeeded"), "queued work survives and runs on the next runner"
     assert jobs.get(done.id) == before[done.id], "finished jobs are untouched"
     assert schedules.list() == [schedule]
-    reopened = SQLiteRegistry(home)  # opening sweeps what a killed writer left
+    reopened = Registry(home)  # opening sweeps what a killed writer left
     champion = reopened.champion("slow-e")
     assert champion is not None and champion.version == 1
     assert [v.version for info in reopened.list_adapters() for v in info.versions] == [1, 1]
@@ -715,7 +718,7 @@ def cli() -> Callable[..., Any]:
     return invoke
 
 
-def test_cli_retrain_queues_and_refuses_clearly(registry: SQLiteRegistry, cli: Callable[..., Any]) -> None:
+def test_cli_retrain_queues_and_refuses_clearly(registry: Registry, cli: Callable[..., Any]) -> None:
     code, out = cli("retrain", "--adapter", "nope")
     assert code == 2 and "error: unknown adapter 'nope': it is not in the registry" in out
     code, out = cli("retrain", "--adapter", "ok-a")
@@ -733,7 +736,7 @@ def test_cli_retrain_queues_and_refuses_clearly(registry: SQLiteRegistry, cli: C
 
 
 def test_cli_retrain_wait_follows_the_job_to_its_end(
-    registry: SQLiteRegistry, cli: Callable[..., Any], running: Callable[..., JobRunner]
+    registry: Registry, cli: Callable[..., Any], running: Callable[..., JobRunner]
 ) -> None:
     running(known_adapters=None)  # a runner on the registry's adapters
     code, out = cli("retrain", "--adapter", "ok-a", "--wait", "--poll", "0.05")
@@ -741,7 +744,7 @@ def test_cli_retrain_wait_follows_the_job_to_its_end(
     assert "no job runner is running" not in out
 
 
-def test_cli_schedules(registry: SQLiteRegistry, cli: Callable[..., Any]) -> None:
+def test_cli_schedules(registry: Registry, cli: Callable[..., Any]) -> None:
     code, out = cli("schedules", "add", "ok-a", "* * * *")
     assert (code, out) == (2, f"error: invalid cron expression '* * * *': got 4 field(s), expected 5; {CRON_HELP}")
     code, out = cli("schedules", "add", "ok-a", "0 3 * * *")

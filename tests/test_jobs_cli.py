@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from models.registry import SQLiteRegistry
+from models.registry import Registry
 from pipelines.cli import app
 from pipelines.jobs import Job, JobStore
 
@@ -35,7 +35,7 @@ def home(tmp_path: Path) -> Path:
     from safetensors.numpy import save_file
 
     home = tmp_path / "home"
-    registry = SQLiteRegistry(home)
+    registry = Registry(home)
     src = tmp_path / "src"
     src.mkdir()
     (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))

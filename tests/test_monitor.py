@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import make_url
+from state_backend import carry_registry
 
 from models import migrations, settings
 from models.artifacts import load_model
@@ -61,11 +62,14 @@ def _close_databases() -> Iterator[None]:
 
 
 @pytest.fixture
-def backend(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """sqlite: ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db); postgresql: a fresh database at head."""
+def backend(db_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """sqlite: ADAPTSERVE_DATABASE_URL unset (the embedded <home>/state.db); postgresql: a fresh database at head,
+    holding the service home's registry."""
     if make_url(db_url).get_backend_name() == "postgresql":
         migrations.upgrade(db_url)
         monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    if "service_home" in request.fixturenames:
+        carry_registry(request.getfixturevalue("service_home"))
     return db_url
 
 
@@ -325,12 +329,13 @@ def test_one_leader_runs_scheduled_checks(service_home: Path, source_model: Path
 
 
 @pytest.fixture
-def shared_url(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def shared_url(db_url: str, monkeypatch: pytest.MonkeyPatch, service_home: Path) -> str:
     """One database for every home of the test, as replicas have: ADAPTSERVE_DATABASE_URL names a shared SQLite
-    file or a PostgreSQL database at head."""
+    file or a PostgreSQL database at head, holding the service home's registry (every copy of it has the same)."""
     if make_url(db_url).get_backend_name() == "postgresql":
         migrations.upgrade(db_url)
     monkeypatch.setenv("ADAPTSERVE_DATABASE_URL", db_url)
+    carry_registry(service_home)
     return db_url
 
 

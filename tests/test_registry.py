@@ -1,5 +1,7 @@
 """Tests for models.registry: names, versions, champions, validation, integrity, cross-process visibility
-and crash consistency (a child process SIGKILLs itself at each registry phase)."""
+and crash consistency (a child process SIGKILLs itself at each registry phase), on SQLite and PostgreSQL (`db_url`)
+and, where the files matter, on a local artifact directory and S3 (`artifacts`). Two homes sharing one database and
+store, and the legacy registry.db import: tests/test_registry_db.py, tests/test_registry_legacy.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_registry_legacy import LEGACY_CRASH_PHASES
 
 from models.registry import (
     CRASH_ENV,
@@ -29,9 +33,9 @@ from models.registry import (
     CorruptAdapterError,
     InvalidAdapterError,
     InvalidNameError,
+    Registry,
     RegistryError,
     RollbackError,
-    SQLiteRegistry,
     UnsupportedBackendError,
     open_registry,
 )
@@ -92,8 +96,10 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def registry(home: Path) -> SQLiteRegistry:
-    return SQLiteRegistry(home)
+def registry(home: Path, backend: str, request: pytest.FixtureRequest) -> Registry:
+    if "artifacts" in request.fixturenames:  # the store is chosen before the registry opens it
+        request.getfixturevalue("artifacts")
+    return Registry(home)
 
 
 def sha256(path: Path) -> str:
@@ -113,7 +119,7 @@ def versions_of(reg: AdapterRegistry, name: str) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["a", "0", "cam-1", "site_a", "customer-42_b", "a" * 64], ids=str)
-def test_valid_names_are_accepted(registry: SQLiteRegistry, make_adapter: MakeAdapter, name: str) -> None:
+def test_valid_names_are_accepted(registry: Registry, make_adapter: MakeAdapter, name: str) -> None:
     record = registry.register(name, make_adapter())
     assert (record.name, record.version) == (name, 1)
     assert record.path == registry.home / "adapters" / name / "1"
@@ -138,7 +144,7 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_invalid_names_are_refused_with_exact_message(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, name: Any
+    registry: Registry, make_adapter: MakeAdapter, name: Any
 ) -> None:
     with pytest.raises(InvalidNameError) as exc:
         registry.register(name, make_adapter())
@@ -161,7 +167,7 @@ def test_invalid_names_are_refused_with_exact_message(
         pytest.param(lambda r: r.history("../x"), id="history"),
     ],
 )
-def test_every_operation_validates_the_name(registry: SQLiteRegistry, operation: Callable[[Any], Any]) -> None:
+def test_every_operation_validates_the_name(registry: Registry, operation: Callable[[Any], Any]) -> None:
     with pytest.raises(InvalidNameError, match=r"^invalid adapter name '\.\./x'"):
         operation(registry)
 
@@ -169,7 +175,9 @@ def test_every_operation_validates_the_name(registry: SQLiteRegistry, operation:
 # --------------------------------------------------------------------------------------------- register / read
 
 
-def test_register_assigns_versions_and_copies_files(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_register_assigns_versions_and_copies_files(
+    registry: Registry, make_adapter: MakeAdapter, artifacts: str
+) -> None:
     src = make_adapter(README__md="notes")
     first = registry.register("cam", src)
     second = registry.register("cam", make_adapter())
@@ -178,13 +186,16 @@ def test_register_assigns_versions_and_copies_files(registry: SQLiteRegistry, ma
     for fname, digest in first.sha256.items():
         assert (first.path / fname).read_bytes() == (src / fname).read_bytes()
         assert digest == sha256(src / fname)
+        assert registry.store.exists(digest), f"{fname} is in the artifact store"
+    assert registry.store.url == (str(registry.home / "artifacts") if artifacts == "dir" else artifacts)
+    assert list(registry.tmp_dir.iterdir()) == [], "the staged dir became the local copy"
     assert first.metadata == METADATA and first.is_champion is False
     assert registry.list_adapters() == [AdapterInfo("cam", None, [registry.get("cam", 1), registry.get("cam", 2)])]
     assert registry.champion("cam") is None
     assert registry.path("cam", 2) == second.path == registry.home / "adapters" / "cam" / "2"
 
 
-def test_metadata_argument_is_merged_over_metadata_json(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_metadata_argument_is_merged_over_metadata_json(registry: Registry, make_adapter: MakeAdapter) -> None:
     extra = {"metrics": {"accuracy": 0.95, "f1": 0.9}, "parent": "cam/1", "data_fingerprint": "abc"}
     record = registry.register("cam", make_adapter(), metadata=extra)
     expected = {**METADATA, **extra}
@@ -195,7 +206,7 @@ def test_metadata_argument_is_merged_over_metadata_json(registry: SQLiteRegistry
     assert registry.verify("cam", 1) == record
 
 
-def test_records_are_frozen(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_records_are_frozen(registry: Registry, make_adapter: MakeAdapter) -> None:
     record = registry.register("cam", make_adapter())
     with pytest.raises(FrozenInstanceError):
         record.version = 2  # type: ignore[misc]
@@ -215,7 +226,7 @@ NOT_FOUND_CASES = [
 
 @pytest.mark.parametrize(("operation", "message"), NOT_FOUND_CASES)
 def test_not_found_errors_name_what_is_missing_and_what_exists(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, operation: Callable[[Any], Any], message: str
+    registry: Registry, make_adapter: MakeAdapter, operation: Callable[[Any], Any], message: str
 ) -> None:
     registry.register("cam", make_adapter())
     registry.register("cam", make_adapter())
@@ -225,7 +236,7 @@ def test_not_found_errors_name_what_is_missing_and_what_exists(
     assert isinstance(exc.value, KeyError) and isinstance(exc.value, RegistryError)
 
 
-def test_version_must_be_an_int(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_version_must_be_an_int(registry: Registry, make_adapter: MakeAdapter) -> None:
     registry.register("cam", make_adapter())
     with pytest.raises(TypeError, match="adapter version must be an int, got '1'"):
         registry.get("cam", "1")  # type: ignore[arg-type]
@@ -263,7 +274,7 @@ def _refusal_cases() -> list[Any]:
 
 @pytest.mark.parametrize(("overrides", "message"), _refusal_cases())
 def test_register_refuses_incomplete_or_unparseable_dirs(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, overrides: dict[str, Any], message: str
+    registry: Registry, make_adapter: MakeAdapter, overrides: dict[str, Any], message: str
 ) -> None:
     src = make_adapter(**overrides)
     with pytest.raises(InvalidAdapterError) as exc:
@@ -276,13 +287,13 @@ def test_register_refuses_incomplete_or_unparseable_dirs(
     assert not (registry.home / "adapters" / "cam").exists()
 
 
-def test_register_refuses_a_missing_directory(registry: SQLiteRegistry, tmp_path: Path) -> None:
+def test_register_refuses_a_missing_directory(registry: Registry, tmp_path: Path) -> None:
     with pytest.raises(InvalidAdapterError) as exc:
         registry.register("cam", tmp_path / "nowhere")
     assert str(exc.value) == f"adapter directory {tmp_path / 'nowhere'} does not exist or is not a directory"
 
 
-def test_register_refuses_unserializable_metadata(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_register_refuses_unserializable_metadata(registry: Registry, make_adapter: MakeAdapter) -> None:
     with pytest.raises(InvalidAdapterError, match="^metadata argument is not JSON-serializable"):
         registry.register("cam", make_adapter(), metadata={"when": object()})
     assert registry.list_adapters() == []
@@ -317,7 +328,7 @@ CHAMPION_SCENARIOS = [
 
 @pytest.mark.parametrize(("steps", "champions"), CHAMPION_SCENARIOS)
 def test_promote_and_rollback_follow_history(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, steps: list[tuple[str, int | None]], champions: list[int]
+    registry: Registry, make_adapter: MakeAdapter, steps: list[tuple[str, int | None]], champions: list[int]
 ) -> None:
     for _ in range(3):
         registry.register("cam", make_adapter())
@@ -340,7 +351,7 @@ ROLLBACK_ERRORS = [
 
 @pytest.mark.parametrize(("steps", "message"), ROLLBACK_ERRORS)
 def test_rollback_without_earlier_champion_fails_and_changes_nothing(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, steps: list[tuple[str, int | None]], message: str
+    registry: Registry, make_adapter: MakeAdapter, steps: list[tuple[str, int | None]], message: str
 ) -> None:
     for _ in range(2):
         registry.register("cam", make_adapter())
@@ -353,7 +364,7 @@ def test_rollback_without_earlier_champion_fails_and_changes_nothing(
     assert (registry.champion("cam"), registry.generation(), registry.history("cam")) == before
 
 
-def test_history_records_promotions_and_rollbacks(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_history_records_promotions_and_rollbacks(registry: Registry, make_adapter: MakeAdapter) -> None:
     for _ in range(2):
         registry.register("cam", make_adapter())
     registry.promote("cam", 1)
@@ -366,7 +377,7 @@ def test_history_records_promotions_and_rollbacks(registry: SQLiteRegistry, make
 # --------------------------------------------------------------------------------------------- delete
 
 
-def test_delete_refuses_the_champion(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_delete_refuses_the_champion(registry: Registry, make_adapter: MakeAdapter) -> None:
     registry.register("cam", make_adapter())
     registry.promote("cam", 1)
     with pytest.raises(ChampionDeleteError) as exc:
@@ -385,7 +396,7 @@ def test_delete_refuses_the_champion(registry: SQLiteRegistry, make_adapter: Mak
     ids=["oldest", "latest", "all"],
 )
 def test_delete_removes_version_and_numbers_are_never_reused(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, deleted: list[int], remaining: list[int]
+    registry: Registry, make_adapter: MakeAdapter, deleted: list[int], remaining: list[int]
 ) -> None:
     for _ in range(3):
         registry.register("cam", make_adapter())
@@ -417,7 +428,7 @@ CORRUPTIONS = [
 
 @pytest.mark.parametrize(("fname", "corrupt"), CORRUPTIONS)
 def test_verify_detects_corruption(
-    registry: SQLiteRegistry, make_adapter: MakeAdapter, fname: str, corrupt: Callable[[Path], Any]
+    registry: Registry, make_adapter: MakeAdapter, fname: str, corrupt: Callable[[Path], Any], artifacts: str
 ) -> None:
     record = registry.register("cam", make_adapter())
     registry.register("cam", make_adapter())
@@ -433,12 +444,15 @@ def test_verify_detects_corruption(
             f"file {fname!r}: expected sha256 {record.sha256[fname]}, actual {actual}"
         )
     assert registry.verify("cam", 2).version == 2, "corruption of v1 must not taint v2"
+    shutil.rmtree(record.path)  # the repair: without a local copy, the next verify fetches the store's
+    assert registry.verify("cam", 1) == record
+    assert (record.path / "adapter_config.json").read_text() == json.dumps(CONFIG)
 
 
 # --------------------------------------------------------------------------------------------- generation
 
 
-def _gen_case(op: Callable[[SQLiteRegistry, MakeAdapter], Any], delta: int, error: type | None, case_id: str) -> Any:
+def _gen_case(op: Callable[[Registry, MakeAdapter], Any], delta: int, error: type | None, case_id: str) -> Any:
     return pytest.param(op, delta, error, id=case_id)
 
 
@@ -460,9 +474,9 @@ GENERATION_CASES = [
 
 @pytest.mark.parametrize(("operation", "delta", "error"), GENERATION_CASES)
 def test_generation_bumps_once_per_change(
-    registry: SQLiteRegistry,
+    registry: Registry,
     make_adapter: MakeAdapter,
-    operation: Callable[[SQLiteRegistry, MakeAdapter], Any],
+    operation: Callable[[Registry, MakeAdapter], Any],
     delta: int,
     error: type[Exception] | None,
 ) -> None:
@@ -478,14 +492,16 @@ def test_generation_bumps_once_per_change(
         with pytest.raises(error):
             operation(registry, make_adapter)
     assert registry.generation() == before + delta
-    assert SQLiteRegistry(registry.home).generation() == before + delta, "generation must persist across opens"
+    assert Registry(registry.home).generation() == before + delta, "generation must persist across opens"
 
 
 # --------------------------------------------------------------------------------------------- multi-process / threads
 
 
-def test_two_registries_on_one_home_see_each_others_changes(home: Path, make_adapter: MakeAdapter) -> None:
-    first, second = SQLiteRegistry(home), open_registry(f"sqlite:///{home}")
+def test_two_registries_on_one_home_see_each_others_changes(
+    home: Path, make_adapter: MakeAdapter, backend: str, artifacts: str
+) -> None:
+    first, second = Registry(home), open_registry(f"sqlite:///{home}")
     first.register("cam", make_adapter())
     first.register("cam", make_adapter())
     second.promote("cam", 2)
@@ -499,9 +515,9 @@ def test_two_registries_on_one_home_see_each_others_changes(home: Path, make_ada
     assert versions_of(first, "cam") == [2]
 
 
-def test_concurrent_registers_get_distinct_versions(home: Path, make_adapter: MakeAdapter) -> None:
+def test_concurrent_registers_get_distinct_versions(home: Path, make_adapter: MakeAdapter, backend: str) -> None:
     sources = [make_adapter(metadata={**METADATA, "i": i}) for i in range(6)]
-    registries = [SQLiteRegistry(home), SQLiteRegistry(home)]
+    registries = [Registry(home), Registry(home)]
     results: list[AdapterVersion] = []
     errors: list[BaseException] = []
 
@@ -534,7 +550,7 @@ def _run_helper(home: Path, *args: str, crash_at: str | None = None) -> subproce
 
 
 @pytest.fixture
-def seeded(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> SQLiteRegistry:
+def seeded(registry: Registry, make_adapter: MakeAdapter) -> Registry:
     """Versions 1-3 of 'cam', champion 2 (promoted after 1): every crash below must leave exactly this state."""
     for _ in range(3):
         registry.register("cam", make_adapter())
@@ -543,39 +559,33 @@ def seeded(registry: SQLiteRegistry, make_adapter: MakeAdapter) -> SQLiteRegistr
     return registry
 
 
+REGISTER = ["register", "cam", "SRC"]
 # (phase, helper args, glob proving the kill hit mid-operation, versions after reopen, generation delta)
 CRASH_CASES = [
-    pytest.param(
-        "after_copy", ["register", "cam", "SRC"], "tmp/*/adapter_model.safetensors", [1, 2, 3], 0, id="after_copy"
-    ),
-    pytest.param(
-        "after_rename", ["register", "cam", "SRC"], "adapters/cam/4/metadata.json", [1, 2, 3], 0, id="after_rename"
-    ),
-    pytest.param(
-        "before_commit", ["register", "cam", "SRC"], "adapters/cam/4/metadata.json", [1, 2, 3], 0, id="before_commit"
-    ),
+    pytest.param("after_stage", REGISTER, "tmp/*/adapter_model.safetensors", [1, 2, 3], 0, id="after_stage"),
+    pytest.param("after_upload", REGISTER, "tmp/*/metadata.json", [1, 2, 3], 0, id="after_upload"),
+    pytest.param("before_commit", REGISTER, "tmp/*/metadata.json", [1, 2, 3], 0, id="before_commit"),
+    pytest.param("after_commit", REGISTER, "tmp/*/metadata.json", [1, 2, 3, 4], 1, id="after_commit"),
     pytest.param("promote_before_commit", ["promote", "cam", "3"], None, [1, 2, 3], 0, id="promote_before_commit"),
     pytest.param("rollback_before_commit", ["rollback", "cam"], None, [1, 2, 3], 0, id="rollback_before_commit"),
     pytest.param("delete_before_commit", ["delete", "cam", "3"], None, [1, 2, 3], 0, id="delete_before_commit"),
     pytest.param(
-        "delete_after_commit",
-        ["delete", "cam", "3"],
-        "adapters/cam/3/metadata.json",
-        [1, 2],
-        1,
+        "delete_after_commit", ["delete", "cam", "3"], "adapters/cam/3/metadata.json", [1, 2], 1,
         id="delete_after_commit",
     ),
 ]
 
 
 def test_crash_cases_cover_every_crash_phase() -> None:
-    assert {case.values[0] for case in CRASH_CASES} == set(CRASH_PHASES)
+    """The legacy import's phases are covered by tests/test_registry_legacy.py."""
+    assert {case.values[0] for case in CRASH_CASES} | set(LEGACY_CRASH_PHASES) == set(CRASH_PHASES)
 
 
 @pytest.mark.parametrize(("phase", "args", "mid_state", "versions", "gen_delta"), CRASH_CASES)
 def test_sigkill_mid_operation_leaves_registry_consistent(
-    seeded: SQLiteRegistry,
+    seeded: Registry,
     make_adapter: MakeAdapter,
+    artifacts: str,
     phase: str,
     args: list[str],
     mid_state: str | None,
@@ -583,27 +593,32 @@ def test_sigkill_mid_operation_leaves_registry_consistent(
     gen_delta: int,
 ) -> None:
     home, before_gen, before_history = seeded.home, seeded.generation(), seeded.history("cam")
-    args = [str(make_adapter()) if a == "SRC" else a for a in args]
-    proc = _run_helper(home, *args, crash_at=phase)
+    src = make_adapter(metadata={**METADATA, "crash": phase})  # a metadata.json no earlier version has
+    new_object = sha256(src / "metadata.json")
+    proc = _run_helper(home, *[str(src) if a == "SRC" else a for a in args], crash_at=phase)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert proc.stdout == ""
     if mid_state is not None:
         assert list(home.glob(mid_state)), f"kill at {phase} should have left {mid_state} for recovery"
+    assert not (home / "adapters" / "cam" / "4").exists(), "no local copy before the row commits"
 
-    reopened = SQLiteRegistry(home)
+    reopened = Registry(home)
     assert versions_of(reopened, "cam") == versions
-    assert version_dirs(home, "cam") == set(versions), "orphan artifact dirs must be swept on open"
     assert list(reopened.tmp_dir.iterdir()) == [], "staging leftovers must be swept on open"
     champion = reopened.champion("cam")
     assert champion is not None and champion.version == 2
     assert reopened.history("cam") == before_history
     assert reopened.generation() == before_gen + gen_delta
-    for version in versions:
+    if args == REGISTER:  # every object is in the store before the row can commit
+        assert reopened.store.exists(new_object) is (phase != "after_stage")
+    for version in versions:  # a committed version whose copy the kill kept from this home is fetched here
         reopened.verify("cam", version)
-    assert reopened.register("cam", make_adapter()).version == 4, "registry must stay usable after the crash"
+    assert version_dirs(home, "cam") == set(versions), "orphan artifact dirs must be swept on open"
+    expected = max(versions) + 1 if phase == "after_commit" else 4  # a number is never reused
+    assert reopened.register("cam", make_adapter()).version == expected, "registry must stay usable after the crash"
 
 
-def test_helper_without_crash_completes(seeded: SQLiteRegistry, make_adapter: MakeAdapter) -> None:
+def test_helper_without_crash_completes(seeded: Registry, make_adapter: MakeAdapter) -> None:
     """Control for the crash tests: the same child, unkilled, really performs the operation."""
     proc = _run_helper(seeded.home, "register", "cam", str(make_adapter()))
     assert (proc.returncode, proc.stdout.strip()) == (0, "4"), proc.stderr
@@ -612,7 +627,7 @@ def test_helper_without_crash_completes(seeded: SQLiteRegistry, make_adapter: Ma
     assert seeded.verify("cam", 4).is_champion
 
 
-def test_open_sweeps_dead_staging_but_not_live_staging(home: Path, registry: SQLiteRegistry) -> None:
+def test_open_sweeps_dead_staging_but_not_live_staging(home: Path, registry: Registry) -> None:
     """A serving worker opening the registry must not delete a staging dir another process is still filling."""
     registry.tmp_dir.mkdir(parents=True, exist_ok=True)
     (registry.tmp_dir / "dead-no-lock").mkdir()
@@ -620,12 +635,14 @@ def test_open_sweeps_dead_staging_but_not_live_staging(home: Path, registry: SQL
     (registry.tmp_dir / "dead-unheld").mkdir()
     orphan = home / "adapters" / "cam" / "7"
     orphan.mkdir(parents=True)
+    dead_fetch = home / "adapters" / "cam" / ".8.tmp-k1ll3d"  # models.files.atomic_dir's name for a fetch
+    dead_fetch.mkdir()
     with staging_dir(registry.tmp_dir) as live:
         (live / "partial").write_bytes(b"x")
-        SQLiteRegistry(home)
+        Registry(home)
         assert (live / "partial").exists()
         assert sorted(p.name for p in registry.tmp_dir.iterdir()) == sorted([live.name, f"{live.name}.lock"])
-        assert not orphan.exists()
+        assert not orphan.exists() and not dead_fetch.exists()
     assert list(registry.tmp_dir.iterdir()) == []
 
 
@@ -648,9 +665,9 @@ def test_open_registry_accepts_paths_and_sqlite_urls(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ADAPTSERVE_HOME", str(tmp_path / "env-home"))
     reg = open_registry(spec(tmp_path))
-    assert isinstance(reg, SQLiteRegistry)
+    assert isinstance(reg, Registry)
     assert reg.home == tmp_path / expected
-    assert (tmp_path / expected / "registry.db").is_file()
+    assert (tmp_path / expected / "state.db").is_file()
 
 
 def test_default_home_is_dot_adaptserve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -670,4 +687,4 @@ def test_open_registry_rejects_unsupported_schemes(url: str) -> None:
 def test_registry_is_an_abstract_interface() -> None:
     with pytest.raises(TypeError):
         AdapterRegistry()  # type: ignore[abstract]
-    assert issubclass(SQLiteRegistry, AdapterRegistry)
+    assert issubclass(Registry, AdapterRegistry)

@@ -134,7 +134,8 @@ def built_home(tmp_path: Path) -> BuiltHome:
     history.add(check(0.5), 2e9)
     history.add(check(1.5), 2e9 + 60)
     DriftLeases(home, 60.0, holder="h1").acquire("site-a", now=2e9)
-    open_registry(home).register("site-a", tiny_adapter(tmp_path))
+    registry = open_registry(home)  # its rows in state.db, its files in home/artifacts
+    registry.promote("site-a", registry.register("site-a", tiny_adapter(tmp_path)).version)
 
     store = LocalArtifactStore(home / "artifacts")
     blobs = [b"model weights " * 1000, os.urandom(300_000), b""]
@@ -253,6 +254,12 @@ def test_a_home_is_copied_whole(built_home: BuiltHome, db_url: str, s3_url: str,
     captured = CaptureStore(replica, max_per_adapter=100, retention_s=1e12)
     assert captured.add_many(records(2, seed=9, start=3e9)) == 2 and captured.count("site-a") == 32
     assert InputCache(replica).put_many("site-a", 1, ["p9-0"], [image(6)]) == 1
+    registry = open_registry(replica)  # the registry's rows came with the copy, its files from S3 on first use
+    champion = registry.champion("site-a")
+    assert champion is not None and registry.verify("site-a", champion.version).path.is_dir()
+    assert [p.action for p in registry.history("site-a")] == ["promote"]
+    (tmp_path / "next").mkdir()
+    assert registry.register("site-a", tiny_adapter(tmp_path / "next")).version == 2
 
 
 def test_a_copy_killed_among_its_row_batches_leaves_no_rows_and_a_rerun_completes(
