@@ -150,6 +150,8 @@ class OnnxEngine(Engine):
         Keyed by all the export depends on, so another base, adapter or exporter never meets a stale file."""
         if self._base_digest is None:
             self._base_digest = state_digest(self.base)
+        if adapter_dir is not None:
+            read_adapter_meta(adapter_dir)  # every adapter file is there (or an error naming the missing one)
         source = "base" if adapter_dir is None else f"adapter-{_files_digest(adapter_dir, ADAPTER_FILES)}"
         derived_key = f"onnx:{self.base_meta.model_id}:{self._base_digest}:{source}:{self.size}:{exporter_id()}"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +27,12 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
 
 from models import migrations
 from models.artifact_store import ArtifactError, ArtifactStore, LocalArtifactStore
 from models.db import metadata
-from models.derived import TABLES, DerivedBusy, DerivedError, DerivedFiles
+from models.derived import TABLES, DerivedBusy, DerivedError, DerivedFiles, derived_files
 from models.files import file_sha256
 from models.metadata import BASE
 from models.state import close_all
@@ -308,27 +310,33 @@ def shared_dir(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     close_all()
 
 
-def test_a_runtime_on_a_second_home_does_not_export_or_quantize_the_base_again(
-    shared_dir: str, source_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the service (torch, ONNX Runtime) only here: the child processes this file runs as do not need it
+def _count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, int]:
+    """How often the engine calls each of its functions `names` (export_onnx, build_int8) from now on."""
+    # the service (torch, ONNX Runtime) only in the engine tests: the child processes of this file do not need it
     import service.engine
-    from service.config import ServiceConfig
-    from service.runtime import Runtime
 
-    calls = {"export_onnx": 0, "build_int8": 0}
+    calls = dict.fromkeys(names, 0)
 
-    def counted(name: str):
-        real = getattr(service.engine, name)
-
+    def counted(name: str, real: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             calls[name] += 1
             return real(*args, **kwargs)
 
         return wrapper
 
-    for name in calls:
-        monkeypatch.setattr(service.engine, name, counted(name))
+    for name in names:
+        monkeypatch.setattr(service.engine, name, counted(name, getattr(service.engine, name)))
+    return calls
+
+
+def test_a_runtime_on_a_second_home_does_not_export_or_quantize_the_base_again(
+    shared_dir: str, source_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the service only in the engine tests: the child processes this file runs as do not need it
+    from service.config import ServiceConfig
+    from service.runtime import Runtime
+
+    calls = _count_calls(monkeypatch, "export_onnx", "build_int8")
 
     def runtime(home: str) -> Runtime:
         return Runtime(ServiceConfig(home=tmp_path / home, base_model=source_model, engine="onnx-int8",
@@ -352,6 +360,41 @@ def test_a_runtime_on_a_second_home_does_not_export_or_quantize_the_base_again(
     np.testing.assert_array_equal(a.engine.run(x, [BASE] * 3)[0], b.engine.run(x, [BASE] * 3)[0])
     a.close()
     b.close()
+
+
+def test_a_version_without_its_onnx_file_is_exported_once_for_every_replica(
+    shared_dir: str, source_model: Path, service_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the service only in the engine tests: the child processes this file runs as do not need it
+    from models.artifacts import load_model
+    from models.registry import open_registry
+    from service.engine import OnnxEngine
+
+    registry = open_registry(service_home)
+    versions = {}
+    for key in [("site-a", 1), ("site-a", 2)]:  # copies as a registry without pre-built ONNX files would hold them
+        versions[key] = tmp_path / f"{key[0]}-v{key[1]}"
+        shutil.copytree(registry.path(*key), versions[key], ignore=shutil.ignore_patterns("model.onnx"))
+    calls = _count_calls(monkeypatch, "export_onnx")
+
+    def engine(home: str) -> OnnxEngine:
+        built = OnnxEngine(*load_model(source_model), tmp_path / home / "onnx-cache", threads=1,
+                           derived=_derived(tmp_path, home))
+        for key, path in versions.items():
+            built.load(key, path)
+        return built
+
+    a = engine("a")
+    assert calls == {"export_onnx": 3}  # the base and both versions: another adapter is another key
+    b = engine("b")
+    assert calls == {"export_onnx": 3}
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    for key in versions:
+        np.testing.assert_array_equal(a.run(x, [key] * 2)[0], b.run(x, [key] * 2)[0])
+    assert np.abs(b.run(x, [("site-a", 1)] * 2)[0] - b.run(x, [("site-a", 2)] * 2)[0]).max() > 1e-3
+    with a.derived.database.read() as conn:
+        keys = sorted(conn.scalars(select(derived_files.c.key)))
+    assert [k.split(":")[3].split("-")[0] for k in keys] == ["adapter", "adapter", "base"]
 
 
 # ------------------------------------------------------------------------------------------------ child processes
