@@ -300,6 +300,15 @@ def test_a_builder_killed_mid_build_leaves_no_row_and_its_lease_runs_out(shared:
     assert b.lease(KEY) is None
 
 
+def test_db_copy_moves_the_derived_rows_with_their_objects() -> None:
+    """`adaptserve db copy` copies every table registered when it runs: the derived ones too, in a fresh process."""
+    code = ("import pipelines.db_cli; from models.state_copy import copied_tables; "
+            "print([t.name for t in copied_tables()])")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+                         capture_output=True, timeout=120, check=True).stdout
+    assert "'derived_files'" in out and "'derived_leases'" in out
+
+
 # ---------------------------------------------------------------------------------------------- the serving engine
 
 
