@@ -9,8 +9,8 @@ one row per file (key, name, digest, size, built_by, created_at), all rows of a 
 
 `DerivedFiles.get_or_build(key, build, dest)`:
 - The rows exist: each file is fetched from the artifact store and verified (a corrupt object is an ArtifactError
-  and never reaches dest), unless dest already holds exactly those bytes: dest is the replica's local cache, hashed
-  again on every use.
+  and never reaches dest; so is a missing one, which means this replica does not share the builder's store), unless
+  dest already holds exactly those bytes: dest is the replica's local cache, hashed again on every use.
 - Else one process anywhere builds. It wins the key's lease (`derived_leases`: key, holder, until) in a short
   write, renews it from a thread while it builds into a temporary directory beside dest, stores every file
   (`put_file` verifies the upload), then inserts the rows and drops the lease in one transaction. The others poll
@@ -47,7 +47,7 @@ from pathlib import Path
 from sqlalchemy import BigInteger, Column, Connection, Float, String, Table, Text, delete, insert, select, update
 
 from models import settings
-from models.artifact_store import ArtifactStore, artifacts_url, open_store
+from models.artifact_store import ArtifactError, ArtifactStore, artifacts_url, open_store
 from models.db import Database, metadata
 from models.files import ensure_dir, file_sha256, fsync_dir
 from models.state import open_state
@@ -208,10 +208,15 @@ class DerivedFiles(Builds):
     def _fetch(self, rows: Mapping[str, DerivedFile], paths: dict[str, Path]) -> dict[str, Path]:
         """Each dest holding its row's bytes: kept when it already does, else fetched (verified) from the store."""
         for name, dest in paths.items():
-            digest = rows[name].digest
-            if dest.is_file() and file_sha256(dest) == digest:
+            row = rows[name]
+            if dest.is_file() and file_sha256(dest) == row.digest:
                 continue
-            self.store.get_file(digest, dest)  # ArtifactError when the stored object is missing or corrupt
+            if not self.store.exists(row.digest):
+                raise ArtifactError(f"derived file {name!r} of {row.key!r} was built by {row.built_by}, but "
+                                    f"{self.store} has no object sha256:{row.digest}: replicas that share a state "
+                                    f"database must share its artifact store too (set "
+                                    f"{settings.env_name('artifacts_url')} on each)")
+            self.store.get_file(row.digest, dest)  # ArtifactError when the stored object is corrupt
         return paths
 
     def _build(self, key: str, build: Build, paths: dict[str, Path], holder: str) -> dict[str, Path]:
@@ -314,14 +319,30 @@ def _checked(key: str, dests: Mapping[str, Path]) -> dict[str, Path]:
 
 @contextmanager
 def _build_dir(paths: Mapping[str, Path]) -> Iterator[Path]:
-    """A temporary directory beside the first dest (one filesystem: the built files are renamed into place)."""
+    """A temporary directory beside the first dest (one filesystem: the built files are renamed into place), named
+    by host and pid so that the next build removes what a builder of this host killed mid-build left there."""
     parent = next(iter(paths.values())).parent
     ensure_dir(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=".derived-", dir=parent))
+    host = socket.gethostname()
+    for stale in parent.glob(f".derived-{host}-*-*"):
+        pid = stale.name[len(f".derived-{host}-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".derived-{host}-{os.getpid()}-", dir=parent))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _run(key: str, build: Build, tmp: Path, paths: Mapping[str, Path]) -> None:

@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.artifact_store import ArtifactError
 from models.artifacts import file_sha256, load_adapter_model, read_adapter_meta
 from models.classifier import Classifier
-from models.derived import Builds, LocalBuilds
+from models.derived import Builds, DerivedBusy, LocalBuilds
 from models.export import ONNX_FILE, export_onnx, exporter_id, onnx_providers, state_digest
 from models.metadata import ADAPTER_FILES, BASE, ModelMeta
 from models.quantize import (
@@ -172,6 +173,9 @@ class OnnxEngine(Engine):
                 q, report_path = self._shared_int8(key, adapter_dir, fp32)
             except QuantizeError as err:
                 return fp32, {"precision": "fp32", "reason": f"int8 not possible: {err}"}
+            except (ArtifactError, DerivedBusy) as err:  # built elsewhere, but not to be had here
+                log.warning("int8 files of %s v%s not fetched (%s); serving fp32", *key, err)
+                return fp32, {"precision": "fp32", "reason": f"int8 files not fetched: {err}"}
             except Exception as err:  # a failed quantization must not keep a servable version from serving
                 log.exception("int8 build of %s v%s failed; serving fp32", *key)
                 return fp32, {"precision": "fp32", "reason": f"int8 build failed: {err}"}

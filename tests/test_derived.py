@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -182,6 +183,25 @@ def test_a_corrupt_object_is_refused_and_not_served(shared: str, tmp_path: Path)
     assert a.get_or_build(KEY, _counting_build(counter, KEY), dest_a).read_bytes() == _payload(KEY)
 
 
+def test_a_replica_on_the_same_database_but_another_store_is_told_to_share_the_store(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _share(db_url, str(tmp_path / "store-a"), monkeypatch)
+    a = _derived(tmp_path, "a")
+    a.get_or_build(KEY, _counting_build(tmp_path / "builds", KEY), tmp_path / "a" / "f.onnx")
+    monkeypatch.setenv("ADAPTSERVE_ARTIFACTS_URL", str(tmp_path / "store-b"))
+    b = _derived(tmp_path, "b")
+    row = b.rows(KEY)["file"]
+    with pytest.raises(ArtifactError) as refused:
+        b.get_or_build(KEY, _counting_build(tmp_path / "builds", KEY), tmp_path / "b" / "f.onnx")
+    assert str(refused.value) == (
+        f"derived file 'file' of '{KEY}' was built by {row.built_by}, but LocalArtifactStore("
+        f"'{tmp_path / 'store-b'}') has no object sha256:{row.digest}: replicas that share a state database must "
+        "share its artifact store too (set ADAPTSERVE_ARTIFACTS_URL on each)")
+    assert len(_builds(tmp_path / "builds")) == 1 and not (tmp_path / "b" / "f.onnx").exists()
+    close_all()
+
+
 def test_a_failed_build_is_not_cached_and_the_next_caller_builds(shared: str, tmp_path: Path) -> None:
     a, b = _derived(tmp_path, "a"), _derived(tmp_path, "b")
     counter, dest = tmp_path / "builds", tmp_path / "a" / "f.onnx"
@@ -277,7 +297,7 @@ def test_two_processes_racing_build_once(shared: str, tmp_path: Path) -> None:
 
 
 def test_a_builder_killed_mid_build_leaves_no_row_and_its_lease_runs_out(shared: str, tmp_path: Path) -> None:
-    counter, lease_s = tmp_path / "builds", 2.0
+    counter, lease_s, cache = tmp_path / "builds", 2.0, tmp_path / "a" / "cache"
     child = _child("hang", tmp_path / "a", counter, lease_s=lease_s)
     _go(child)
     assert child.stdout is not None and child.stdout.readline() == "building\n"
@@ -290,6 +310,8 @@ def test_a_builder_killed_mid_build_leaves_no_row_and_its_lease_runs_out(shared:
     assert b.rows(KEY) == {}
     remaining = b.lease(KEY).until - time.time()  # the dead builder's lease still stands: nobody may take it yet
     assert 0 < remaining <= lease_s
+    [left] = cache.iterdir()  # its half-done build directory
+    assert left.name.startswith(f".derived-{socket.gethostname()}-{child.pid}-")
 
     began = time.monotonic()
     dest = b.get_or_build(KEY, _counting_build(counter, KEY), tmp_path / "b" / "f.onnx")
@@ -298,6 +320,11 @@ def test_a_builder_killed_mid_build_leaves_no_row_and_its_lease_runs_out(shared:
     assert _builds(counter) == [child.pid, os.getpid()]
     assert dest.read_bytes() == _payload(KEY) and b.rows(KEY)["file"].built_by.startswith(b.holder + "/")
     assert b.lease(KEY) is None
+
+    restarted = _derived(tmp_path, "a")  # the dead builder's home again: fetches, and a build there tidies up
+    restarted.get_or_build(KEY, _counting_build(counter, KEY), cache / "f.onnx")
+    restarted.get_or_build(KEY.replace("base", "adapter-1"), _counting_build(counter, KEY), cache / "g.onnx")
+    assert sorted(p.name for p in cache.iterdir()) == ["f.onnx", "g.onnx"] and len(_builds(counter)) == 3
 
 
 def test_db_copy_moves_the_derived_rows_with_their_objects() -> None:
@@ -369,6 +396,17 @@ def test_a_runtime_on_a_second_home_does_not_export_or_quantize_the_base_again(
     np.testing.assert_array_equal(a.engine.run(x, [BASE] * 3)[0], b.engine.run(x, [BASE] * 3)[0])
     a.close()
     b.close()
+
+    # the int8 file damaged in the store: a third replica serves fp32 and says why; nothing is rebuilt
+    int8 = next(p for p in cached["a"] if p.name.endswith(".int8.onnx"))
+    _corrupt(LocalArtifactStore(tmp_path / "shared-artifacts"), file_sha256(int8))
+    c = runtime("c")
+    served = c.engine.served[BASE]
+    assert served["precision"] == "fp32" and calls == {"export_onnx": 1, "build_int8": 1}
+    assert served["reason"].startswith(f"int8 files not fetched: artifact sha256:{file_sha256(int8)} in ")
+    assert served["reason"].endswith("is corrupt: its bytes hash to "
+                                     f"sha256:{_sha(b'not what was built')}; not served")
+    c.close()
 
 
 def test_a_version_without_its_onnx_file_is_exported_once_for_every_replica(
