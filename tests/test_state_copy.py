@@ -134,12 +134,12 @@ def built_home(tmp_path: Path) -> BuiltHome:
     history = DriftHistory(home)
     history.add(check(0.5), 2e9)
     history.add(check(1.5), 2e9 + 60)
-    DriftLeases(home, 60.0, holder="h1").acquire("site-a", now=2e9)
-    open_registry(home).register("site-a", tiny_adapter(tmp_path))
     shared = DerivedFiles.for_home(home, holder="h2")
     shared.get_or_build_files("int8:test", lambda tmp: [(tmp / n).write_text(n) for n in ("model", "report")],
                               {"model": tmp_path / "int8" / "m", "report": tmp_path / "int8" / "r"})
     shared._acquire("onnx:test", "h2/killed")  # the lease a builder killed mid-build leaves (until it runs out)
+    DriftLeases(home, 60.0, holder="h1").acquire("site-a", now=2e9)
+    open_registry(home).register("site-a", tiny_adapter(tmp_path))
 
     store = LocalArtifactStore(home / "artifacts")
     blobs = [b"model weights " * 1000, os.urandom(300_000), b""]
