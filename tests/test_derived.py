@@ -54,6 +54,12 @@ def _share(db_url: str, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("ADAPTSERVE_ARTIFACTS_URL", store_url)
 
 
+@pytest.fixture(autouse=True)
+def _closed() -> Iterator[None]:
+    yield
+    close_all()  # every database the test opened: PostgreSQL's connection slots are few
+
+
 @pytest.fixture(params=["dir", "s3"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "s3":
@@ -62,10 +68,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def shared(db_url: str, store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def shared(db_url: str, store_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     _share(db_url, store_url, monkeypatch)
-    yield store_url
-    close_all()
+    return store_url
 
 
 def _derived(tmp_path: Path, home: str, **kwargs: Any) -> DerivedFiles:
@@ -121,7 +126,6 @@ def test_the_revision_creates_the_tables_as_declared(db_url: str, tmp_path: Path
     with derived.database.read() as conn:
         context = MigrationContext.configure(conn, opts={"include_object": _mine, "compare_type": True})
         assert compare_metadata(context, metadata) == []
-    close_all()
 
 
 # ------------------------------------------------------------------------------------------------ build once, share
@@ -199,7 +203,6 @@ def test_a_replica_on_the_same_database_but_another_store_is_told_to_share_the_s
         f"'{tmp_path / 'store-b'}') has no object sha256:{row.digest}: replicas that share a state database must "
         "share its artifact store too (set ADAPTSERVE_ARTIFACTS_URL on each)")
     assert len(_builds(tmp_path / "builds")) == 1 and not (tmp_path / "b" / "f.onnx").exists()
-    close_all()
 
 
 def test_a_failed_build_is_not_cached_and_the_next_caller_builds(shared: str, tmp_path: Path) -> None:
@@ -340,10 +343,9 @@ def test_db_copy_moves_the_derived_rows_with_their_objects() -> None:
 
 
 @pytest.fixture
-def shared_dir(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def shared_dir(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     _share(db_url, str(tmp_path / "shared-artifacts"), monkeypatch)
-    yield db_url
-    close_all()
+    return db_url
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, int]:
