@@ -7,6 +7,7 @@ anyone may use it; a file that fails the check is never written in place.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from models.classifier import Classifier
 
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-4
+ONNX_OPSET = 17
 
 
 class ExportError(RuntimeError):
@@ -85,6 +87,22 @@ def verify(model: Classifier, sess, size: int, n: int = 4, seed: int = 0) -> flo
     return diff
 
 
+def exporter_id() -> str:
+    """What an export's bytes depend on besides the model and the input size: the opset and the exporter's version."""
+    return f"opset{ONNX_OPSET}-torch{torch.__version__}"
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of a model's state: every parameter and buffer (name, dtype, shape, bytes) in name order. With the
+    model's id and exporter_id() it names the ONNX file an export of the model writes (models/derived.py)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes of any dtype (numpy has no bfloat16)
+    return h.hexdigest()
+
+
 def export_onnx(model: nn.Module, out: str | Path, size: int) -> float:
     """Export `model` (Classifier or PeftModel) merged, verify it, then move it into place. Returns the diff."""
     out = Path(out)
@@ -99,7 +117,7 @@ def export_onnx(model: nn.Module, out: str | Path, size: int) -> float:
             input_names=["input"],
             output_names=["logits", "embedding"],
             dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "embedding": {0: "n"}},
-            opset_version=17,
+            opset_version=ONNX_OPSET,
             dynamo=False,
         )
     try:

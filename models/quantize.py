@@ -17,6 +17,7 @@ measured where it is built and may be served on another machine, and only the 7-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.files import write_atomic
+from models.files import file_sha256, write_atomic
 from models.preprocessing import Preprocessing
 from models.samples import find_samples, load_samples
 
@@ -37,6 +38,8 @@ INT8_REPORT = "int8.json"
 DEFAULT_MAX_DROP = 0.01  # accuracy points (0.01 = one percentage point)
 CALIBRATION_IMAGES = 64
 EVAL_IMAGES = 1000
+# What build_int8's quantize_static arguments make, in the key of a shared int8 file: change it when they change
+FORMAT_ID = "qdq-u8-s8-perchannel-rr"
 
 
 class QuantizeError(RuntimeError):
@@ -106,13 +109,7 @@ def _arrays(path: Path, preprocessing: Preprocessing, limit: int | None, seed: i
 def labelled_arrays(model_dirs: Sequence[Path | None], preprocessing: Preprocessing, seed: int = 0) -> LabelledArrays:
     """Calibrate on the first `samples/reference.npz` among model_dirs (an adapter's own, then its base's); measure
     on the first `samples/holdout.npz`, or, without one, on the reference images left out of calibration."""
-    reference = find_samples("reference", *model_dirs)
-    holdout = find_samples("holdout", *model_dirs)
-    if reference is None and holdout is None:
-        raise QuantizeError(
-            "no labelled samples (samples/reference.npz or samples/holdout.npz) beside the adapter or its base "
-            "to calibrate int8 on and measure its accuracy with"
-        )
+    reference, holdout = _labelled_files(model_dirs)
     if reference is not None and holdout is not None:
         calib, _ = _arrays(reference, preprocessing, CALIBRATION_IMAGES, seed + 1)
         eval_x, eval_y = _arrays(holdout, preprocessing, EVAL_IMAGES, seed)
@@ -129,6 +126,31 @@ def labelled_arrays(model_dirs: Sequence[Path | None], preprocessing: Preprocess
         eval_set = f"{_describe(only)}, images not used for calibration"
     rest = perm[n_cal:][:cap]
     return LabelledArrays(x[perm[:n_cal]], _describe(only), x[rest], y[rest], eval_set)
+
+
+def _labelled_files(model_dirs: Sequence[Path | None]) -> tuple[Path | None, Path | None]:
+    """(reference, holdout) samples that labelled_arrays reads, at least one of them; QuantizeError without."""
+    reference = find_samples("reference", *model_dirs)
+    holdout = find_samples("holdout", *model_dirs)
+    if reference is None and holdout is None:
+        raise QuantizeError(
+            "no labelled samples (samples/reference.npz or samples/holdout.npz) beside the adapter or its base "
+            "to calibrate int8 on and measure its accuracy with"
+        )
+    return reference, holdout
+
+
+def calibration_recipe(model_dirs: Sequence[Path | None], preprocessing: Preprocessing, seed: int = 0) -> str:
+    """What an int8 build's bytes depend on besides its fp32 file: the quantizer and its version, the image counts,
+    the seed, and the labelled samples and preprocessing it calibrates on (a digest of them). Part of the key an
+    int8 file is shared under (models/derived.py); QuantizeError when there are no samples to build from."""
+    import onnxruntime  # its version only; the engine has it loaded already
+
+    reference, holdout = _labelled_files(model_dirs)
+    data = json.dumps({"reference": reference and file_sha256(reference), "holdout": holdout and file_sha256(holdout),
+                       "preprocessing": asdict(preprocessing)}, sort_keys=True)
+    return (f"{FORMAT_ID}:cal{CALIBRATION_IMAGES}:eval{EVAL_IMAGES}:seed{seed}:"
+            f"ort{onnxruntime.__version__}:data-{hashlib.sha256(data.encode()).hexdigest()[:16]}")
 
 
 def _describe(path: Path) -> str:

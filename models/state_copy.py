@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Integer, MetaData, Table, delete, func, inser
 from models import migrations
 from models.artifact_store import ArtifactError, ArtifactStore, check_digest
 from models.db import Database, metadata, redact
+from models.derived import TABLES as _DERIVED_TABLES  # noqa: F401 - registers them: no store db copy opens does
 
 CRASH_ENV = "ADAPTSERVE_COPY_CRASH_AFTER_BATCHES"  # test-only: SIGKILL after this many row batches (see _Batches)
 VERSION_TABLE = "alembic_version"

@@ -15,11 +15,16 @@ A key names what serves a row: `BASE` (the base model itself) or (adapter name, 
 int8 file (models/quantize.py) when its measured top-1 accuracy drop on labelled images is within `int8_max_drop`,
 and the fp32 file otherwise; `served[key]` says which precision serves a key and why, with the measurement.
 Both keep at most `max_loaded` adapter versions (least recently used out first).
+A file a version's directory does not carry (the base's ONNX export, an fp32 or int8 file publish did not build)
+comes from `derived` (models/derived.py): built once for every replica sharing the state database and the artifact
+store, fetched and verified by the others, kept under `cache_dir` as this replica's copy. Without one (benchmarks,
+unit tests) the engine builds into `cache_dir` itself.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -30,10 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.artifact_store import ArtifactError
 from models.artifacts import file_sha256, load_adapter_model, read_adapter_meta
 from models.classifier import Classifier
-from models.export import ONNX_FILE, export_onnx, onnx_providers
-from models.metadata import BASE, ModelMeta
+from models.derived import Builds, DerivedBusy, LocalBuilds
+from models.export import ONNX_FILE, export_onnx, exporter_id, onnx_providers, state_digest
+from models.metadata import ADAPTER_FILES, BASE, ModelMeta
 from models.quantize import (
     DEFAULT_MAX_DROP,
     INT8_FILE,
@@ -41,6 +48,7 @@ from models.quantize import (
     Int8Report,
     QuantizeError,
     build_int8,
+    calibration_recipe,
     labelled_arrays,
 )
 
@@ -105,6 +113,7 @@ class OnnxEngine(Engine):
         precision: str = "fp32",
         base_dir: Path | None = None,
         int8_max_drop: float = DEFAULT_MAX_DROP,
+        derived: Builds | None = None,
     ) -> None:
         super().__init__(base, base_meta, max_loaded)
         if precision not in ("fp32", "int8"):
@@ -116,6 +125,8 @@ class OnnxEngine(Engine):
         self.cache_dir = Path(cache_dir)
         self.threads = threads or None
         self.spin = spin
+        self.derived = derived or LocalBuilds()
+        self._base_digest: str | None = None
         self.served: dict[Key, dict[str, Any]] = {}
         self._sessions: OrderedDict[Key, Any] = OrderedDict()
         self._sessions[BASE] = self._build(BASE, None)
@@ -126,11 +137,7 @@ class OnnxEngine(Engine):
     def _build(self, key: Key, adapter_dir: Path | None):
         path = adapter_dir / ONNX_FILE if adapter_dir is not None else None
         if path is None or not path.is_file():
-            path = self._cache() / f"{key[0]}-v{key[1]}.onnx"
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                model = self.base if adapter_dir is None else self._torch_model(adapter_dir)
-                export_onnx(model, path, self.size)
+            path = self._fp32(key, adapter_dir)
         info: dict[str, Any] = {"precision": "fp32"}
         if self.precision == "int8":
             path, info = self._int8(key, adapter_dir, path)
@@ -139,23 +146,39 @@ class OnnxEngine(Engine):
             self.served[key] = info
         return sess
 
+    def _fp32(self, key: Key, adapter_dir: Path | None) -> Path:
+        """The exported fp32 file of a key whose directory has none: the base, or a version published without one.
+        Keyed by all the export depends on, so another base, adapter or exporter never meets a stale file."""
+        if self._base_digest is None:
+            self._base_digest = state_digest(self.base)
+        if adapter_dir is not None:
+            read_adapter_meta(adapter_dir)  # every adapter file is there (or an error naming the missing one)
+        source = "base" if adapter_dir is None else f"adapter-{_files_digest(adapter_dir, ADAPTER_FILES)}"
+        derived_key = f"onnx:{self.base_meta.model_id}:{self._base_digest}:{source}:{self.size}:{exporter_id()}"
+
+        def export(tmp: Path) -> None:
+            model = self.base if adapter_dir is None else self._torch_model(adapter_dir)
+            export_onnx(model, tmp / ONNX_FILE, self.size)
+
+        dest = self._cache() / f"{key[0]}-v{key[1]}-{_short(derived_key)}.onnx"
+        return self.derived.get_or_build_files(derived_key, export, {ONNX_FILE: dest})[ONNX_FILE]
+
     def _int8(self, key: Key, adapter_dir: Path | None, fp32: Path) -> tuple[Path, dict[str, Any]]:
-        """The int8 file of `key` (prebuilt by publish, else built once into the cache) when its measured accuracy
+        """The int8 file of `key` (prebuilt by publish, else built once for every replica) when its measured accuracy
         drop is acceptable; else the fp32 file, with the reason."""
         if adapter_dir is not None and (adapter_dir / INT8_FILE).is_file() and (adapter_dir / INT8_REPORT).is_file():
             q, report_path = adapter_dir / INT8_FILE, adapter_dir / INT8_REPORT
-        else:  # keyed by the fp32 file's content: a deleted and re-registered name-version never hits a stale file
-            stem = f"{key[0]}-v{key[1]}-{file_sha256(fp32)[:16]}"
-            q, report_path = self._cache() / f"{stem}.int8.onnx", self._cache() / f"{stem}.int8.json"
-            if not (q.is_file() and report_path.is_file()):
-                try:
-                    data = labelled_arrays([adapter_dir, self.base_dir], self.base_meta.preprocessing)
-                    build_int8(fp32, q, data, report_path)
-                except QuantizeError as err:
-                    return fp32, {"precision": "fp32", "reason": f"int8 not possible: {err}"}
-                except Exception as err:  # a failed quantization must not keep a servable version from serving
-                    log.exception("int8 build of %s v%s failed; serving fp32", *key)
-                    return fp32, {"precision": "fp32", "reason": f"int8 build failed: {err}"}
+        else:
+            try:
+                q, report_path = self._shared_int8(key, adapter_dir, fp32)
+            except QuantizeError as err:
+                return fp32, {"precision": "fp32", "reason": f"int8 not possible: {err}"}
+            except (ArtifactError, DerivedBusy) as err:  # built elsewhere, but not to be had here
+                log.warning("int8 files of %s v%s not fetched (%s); serving fp32", *key, err)
+                return fp32, {"precision": "fp32", "reason": f"int8 files not fetched: {err}"}
+            except Exception as err:  # a failed quantization must not keep a servable version from serving
+                log.exception("int8 build of %s v%s failed; serving fp32", *key)
+                return fp32, {"precision": "fp32", "reason": f"int8 build failed: {err}"}
         try:
             report = Int8Report.load(report_path)
         except (OSError, ValueError, TypeError) as err:
@@ -168,6 +191,20 @@ class OnnxEngine(Engine):
                 f"beyond ADAPTSERVE_INT8_MAX_DROP={self.int8_max_drop:g}",
             }
         return q, {"precision": "int8", "int8": report.to_dict()}
+
+    def _shared_int8(self, key: Key, adapter_dir: Path | None, fp32: Path) -> tuple[Path, Path]:
+        """(int8 file, report), keyed by the fp32 file's content and the calibration recipe: a re-registered
+        name-version or new samples never hit a stale file."""
+        dirs = [adapter_dir, self.base_dir]
+        derived_key = f"int8:{file_sha256(fp32)}:{calibration_recipe(dirs, self.base_meta.preprocessing)}"
+
+        def quantize(tmp: Path) -> None:
+            build_int8(fp32, tmp / INT8_FILE, labelled_arrays(dirs, self.base_meta.preprocessing), tmp / INT8_REPORT)
+
+        stem = f"{key[0]}-v{key[1]}-{_short(derived_key)}"
+        dests = {INT8_FILE: self._cache() / f"{stem}.int8.onnx", INT8_REPORT: self._cache() / f"{stem}.int8.json"}
+        files = self.derived.get_or_build_files(derived_key, quantize, dests)
+        return files[INT8_FILE], files[INT8_REPORT]
 
     def _torch_model(self, adapter_dir: Path):
         model, _ = load_adapter_model(adapter_dir, copy.deepcopy(self.base), self.base_meta)
@@ -209,6 +246,16 @@ class OnnxEngine(Engine):
                 emb = np.empty((len(keys), em.shape[1]), np.float32)
             logits[idx], emb[idx] = lg, em
         return logits, emb
+
+
+def _short(derived_key: str) -> str:
+    """The part of a local cache file's name that says which derived build it holds."""
+    return hashlib.sha256(derived_key.encode()).hexdigest()[:16]
+
+
+def _files_digest(directory: Path, names: tuple[str, ...]) -> str:
+    """One sha256 over the named files of a directory (an adapter's weights, config and metadata)."""
+    return hashlib.sha256("".join(f"{name}:{file_sha256(directory / name)}\n" for name in names).encode()).hexdigest()
 
 
 def open_session(path: Path, threads: int | None, spin: bool = False):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from models.artifacts import load_model
 from models.classifier import Classifier
+from models.derived import DerivedFiles
 from models.export import softmax
 from models.metadata import BASE, BASE_NAME, ModelMeta
 from models.registry import AdapterNotFoundError, CorruptAdapterError, RegistryError, open_registry
@@ -78,6 +79,7 @@ def make_engine(cfg: ServiceConfig, base: Classifier, base_meta: ModelMeta) -> E
         precision=precision,
         base_dir=cfg.base_model,
         int8_max_drop=cfg.int8_max_drop,
+        derived=DerivedFiles.for_home(cfg.home),  # built once for every replica sharing the database and the store
     )
 
 

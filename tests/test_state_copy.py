@@ -34,6 +34,7 @@ from typer.testing import CliRunner
 from models import migrations
 from models.artifact_store import LocalArtifactStore, open_store
 from models.db import Database, redact, url_for_home
+from models.derived import DerivedFiles
 from models.registry import open_registry
 from models.state import close_all
 from models.state_copy import CRASH_ENV, copied_tables, list_objects, occupied, seeded_keys
@@ -61,7 +62,7 @@ CREATE TABLE drift_checks (id INTEGER PRIMARY KEY, adapter TEXT NOT NULL, versio
 EXPECTED_ROWS = {
     "adaptserve_info": 2, "jobs": 2, "schedules": 2, "jobs_state": 1, "labels": 2, "label_events": 3,
     "label_conflicts": 1, "feedback_inputs": 3, "feedback_input_counts": 2, "capture_records": 30,
-    "drift_checks": 4, "drift_leases": 1,
+    "drift_checks": 4, "drift_leases": 1, "derived_files": 2, "derived_leases": 1,
 }
 
 
@@ -133,6 +134,10 @@ def built_home(tmp_path: Path) -> BuiltHome:
     history = DriftHistory(home)
     history.add(check(0.5), 2e9)
     history.add(check(1.5), 2e9 + 60)
+    shared = DerivedFiles.for_home(home, holder="h2")
+    shared.get_or_build_files("int8:test", lambda tmp: [(tmp / n).write_text(n) for n in ("model", "report")],
+                              {"model": tmp_path / "int8" / "m", "report": tmp_path / "int8" / "r"})
+    shared._acquire("onnx:test", "h2/killed")  # the lease a builder killed mid-build leaves (until it runs out)
     DriftLeases(home, 60.0, holder="h1").acquire("site-a", now=2e9)
     registry = open_registry(home)  # its rows in state.db, its files in home/artifacts
     registry.promote("site-a", registry.register("site-a", tiny_adapter(tmp_path)).version)
