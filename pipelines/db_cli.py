@@ -95,7 +95,7 @@ def _open_home(home: Path, config: settings.Settings) -> Database:
     InputCache(home)
     CaptureStore(home).close()
     DriftHistory(home).close()
-    open_registry(home)  # its legacy registry.db is imported on open once the registry is on the state database
+    open_registry(home)  # its legacy registry.db is imported on open
     return open_state(home, config)
 
 

@@ -29,6 +29,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select
+from state_backend import carry_registry
 
 from models import migrations
 from models.artifact_store import ArtifactError, ArtifactStore, LocalArtifactStore
@@ -419,6 +420,7 @@ def test_a_version_without_its_onnx_file_is_exported_once_for_every_replica(
     from models.registry import open_registry
     from service.engine import OnnxEngine
 
+    carry_registry(service_home)  # the session's home registered its versions on its own embedded database
     registry = open_registry(service_home)
     versions = {}
     for key in [("site-a", 1), ("site-a", 2)]:  # copies as a registry without pre-built ONNX files would hold them

@@ -1,11 +1,10 @@
 """Derived files built once for every replica: the derived_files and derived_leases tables (models/derived.py).
 
 Revision ID: 0006_derived
-Revises: 0004_monitoring
+Revises: 0005_registry
 Create Date: 2026-05-22
 
 Frozen like every revision: the tables are spelled out here, not imported from models/derived.py.
-down_revision is 0004_monitoring while 0005 is written beside it; whoever merges both re-chains this one onto 0005.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_derived"
-down_revision = "0004_monitoring"
+down_revision = "0005_registry"
 branch_labels = None
 depends_on = None
 
