@@ -91,8 +91,9 @@ def engine_img_s(base_dir: Path, cache: Path, seconds: float, precision: str = "
     model, meta = load_model(base_dir)
     # exports (and verifies) the base model's ONNX file; int8: quantizes and measures it too
     engine = OnnxEngine(model, meta, cache, threads=1, precision=precision, base_dir=base_dir, int8_max_drop=1.0)
-    pattern = f"{BASE[0]}-v{BASE[1]}" + ("-*.int8.onnx" if precision == "int8" else ".onnx")
-    path = next(Path(cache).rglob(pattern))
+    # the cache names a file <name>-v<version>-<its derived build>.onnx (.int8.onnx): service/engine.py
+    int8 = precision == "int8"
+    path = next(p for p in Path(cache).rglob(f"{BASE[0]}-v{BASE[1]}-*.onnx") if p.name.endswith(".int8.onnx") == int8)
     size = str(meta.preprocessing.crop_size)
     del engine
     procs = [

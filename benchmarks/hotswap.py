@@ -80,17 +80,20 @@ def promote_loop(
 
 
 def swap_phase(
-    url: str, bodies: dict[str, list[bytes]], clients: int, seconds: float, adapter: str, every: float, token: str
+    url: str, bodies: dict[str, list[bytes]], clients: int, seconds: float, adapter: str, every: float, token: str,
+    promote_url: str | None = None,
 ) -> dict[str, Any]:
     """Load on `adapter` while its champion flips between v1 and v2; ends on v1 again. Runs for at least three
-    promote intervals."""
+    promote intervals. `promote_url`: promote through that service (another replica on the same database) while
+    the load goes to `url`; default `url` itself."""
     seconds = max(seconds, 3 * every)
     promotes: list[Promote] = []
-    loop = promote_loop(url, adapter, every, seconds, promotes, token)
+    promote_url = promote_url or url
+    loop = promote_loop(promote_url, adapter, every, seconds, promotes, token)
     stats, samples, _ = run_phase(url, bodies, clients, seconds, 0.0, loop)
     latencies, incomplete = swap_latencies(samples, promotes, adapter)
     wrong = sum(s.status == 200 and s.version not in (1, 2) for s in samples)
-    reset_ok = promote(url, adapter, 1, token)
+    reset_ok = promote(promote_url, adapter, 1, token)
     return {
         "swaps": len(promotes),
         "swap_ms": [round(x, 1) for x in latencies],

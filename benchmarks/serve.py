@@ -15,6 +15,12 @@ What one run does (every number comes from the same run on the same machine):
    ADAPTSERVE_MAX_BATCH=1), same clients, workers and threads; and once more with the service's default
    deployment (1 worker, all cores), for reference.
 
+With `--database URL --artifacts URL` (PostgreSQL + S3, say) every server of the run keeps its state there
+instead of in its temporary home (the adapters are published there too), and one more phase runs: `swap across
+replicas`, a second replica with a home of its own on the same database and store, promoting through it while the
+load goes to the first (`swap_cross_replica_p99_ms`). Its results are written as serve-scaleout.md / .json, beside
+the embedded default's serve.md / .json.
+
 Swap latency of one promote = from sending the promote request until the send time of the first request after
 which every request for that adapter (answered by any worker) named the new version; `swap_p99_ms` is the
 99th percentile over the promotes of the run. Progress goes to stderr, one JSON line to stdout last.
@@ -33,7 +39,8 @@ import shlex
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,11 +94,59 @@ class BenchConfig:
         metadata={"help": "also measure that baseline with the service's default 1 worker x all-core threads"},
     )
     fp32: bool = field(default=True, metadata={"help": "with --engine onnx-int8, also measure the fp32 onnx engine"})
+    database: str | None = field(default=None, metadata={
+        "help": "state database of every server the run starts (ADAPTSERVE_DATABASE_URL, e.g. "
+                "postgresql+psycopg://...); must hold no adapter; with --artifacts"})
+    artifacts: str | None = field(default=None, metadata={
+        "help": "artifact store of every server the run starts (ADAPTSERVE_ARTIFACTS_URL, e.g. s3://BUCKET/PREFIX "
+                "with the AWS_* variables); with --database"})
 
 
 def _env(**values: object) -> dict[str, str]:
     """ADAPTSERVE_* variables from setting names (models/settings.py), so a misspelt one fails here, loudly."""
     return {settings.env_name(name): str(value) for name, value in values.items()}
+
+
+def shared_env(cfg: BenchConfig) -> dict[str, str]:
+    """The database and artifact store settings of --database / --artifacts (none: each home's embedded ones)."""
+    return _env(database_url=cfg.database, artifacts_url=cfg.artifacts) if cfg.database else {}
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, restored after (the stores of this process read their URLs from it)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check_database(url: str) -> None:
+    """Migrate the bench's database and refuse one that already holds adapters: a bench publishes random ones, and
+    a production registry must not get them."""
+    from sqlalchemy import func, select
+
+    from models import migrations
+    from models.db import Database, redact
+    from models.registry_tables import registry_adapters
+
+    migrations.upgrade(url)
+    database = Database(url)
+    try:
+        with database.read() as conn:
+            held = conn.execute(select(func.count()).select_from(registry_adapters)).scalar()
+    finally:
+        database.dispose()
+    if held:
+        console.print(f"[red]error:[/red] --database {redact(url)} holds {held} adapter(s): give the bench an empty "
+                      "database (it publishes random adapters)")
+        raise typer.Exit(2)
 
 
 def service_env(cfg: BenchConfig, home: Path, base: Path) -> dict[str, str]:
@@ -110,7 +165,7 @@ def service_env(cfg: BenchConfig, home: Path, base: Path) -> dict[str, str]:
         # a random-init model has no accuracy to lose; int8 is measured anyway (top-1 agreement with fp32, in the
         # results) and would be refused on a real model beyond the default 1 point (service/engine.py)
         int8_max_drop=1,
-    )
+    ) | shared_env(cfg)
 
 
 def measure_service(
@@ -221,12 +276,16 @@ def measure_started(cfg: BenchConfig, base: Path, workdir: Path, int8: bool) -> 
     each in a server of its own (one phase each, on the first adapter)."""
     home = workdir / "home"
     with console.status("publishing adapters") as status:
-        names = build_home(home, base, cfg.adapters, cfg.targets, lambda n: status.update(f"published {n}"), int8=int8)
+        with environ(shared_env(cfg)):  # published where the servers look: the shared stores with --database
+            names = build_home(home, base, cfg.adapters, cfg.targets, lambda n: status.update(f"published {n}"),
+                               int8=int8)
     env = service_env(cfg, home, base)
     console.log(f"starting bentoml serve ({cfg.engine}, {cfg.workers} workers x {cfg.threads} threads)")
     with ServeProcess(env, workdir / "serve", settle=cfg.seconds >= 10) as server:
         measured = measure_service(server.url, cfg, names, names[0], server.cpu_seconds)
         measured["precision"] = served_precision(server.url, names[0])
+        if cfg.database:
+            measured["swap_cross_replica"] = measure_cross_replica(cfg, env, workdir, server.url, names[0])
     if int8 and cfg.fp32:
         fp32_env = {**env, **_env(engine="onnx")}
         measured["fp32"] = measure_single(cfg, fp32_env, workdir / "serve-fp32", names[0], "fp32 onnx engine")
@@ -236,6 +295,19 @@ def measure_started(cfg: BenchConfig, base: Path, workdir: Path, int8: bool) -> 
         label = ", service defaults (1 worker, all cores)"
         measured["baseline_defaults"] = measure_baseline(cfg, defaults, workdir / "serve-b2", names[0], label)
     return measured, baseline
+
+
+def measure_cross_replica(cfg: BenchConfig, env: dict[str, str], workdir: Path, url: str, adapter: str) -> dict:
+    """A second replica (a home of its own, one worker) on the same database and store; load on the first (`url`)
+    while `adapter` is promoted through the second: how long until every worker of the first serves each promote."""
+    other = {**env, **_env(home=workdir / "home-b", workers=1)}
+    console.log("swap across replicas: promotes through a second replica (its own home), load on the first")
+    with ServeProcess(other, workdir / "serve-replica-b", settle=cfg.seconds >= 10) as replica:
+        bodies = predict_bodies(make_jpegs(8, cfg.size), [adapter], cfg.per_request)
+        out = swap_phase(url, bodies, cfg.clients, cfg.seconds, adapter, cfg.swap_every, cfg.token,
+                         promote_url=replica.url)
+    console.log(f"  {out['swaps']} swaps, swap p99 {out['swap_p99_ms']} ms, errors {out['swap_errors']}")
+    return out
 
 
 def served_precision(url: str, adapter: str) -> dict | None:
@@ -280,6 +352,7 @@ def _numbers(
 ) -> dict[str, Any]:
     """The headline numbers, rounded, and every ratio between two numbers of the same run."""
     single, multi, swap = measured["single"], measured["multi"], measured.get("swap") or {}
+    cross = measured.get("swap_cross_replica") or {}
     img_s, roofline = single["throughput_img_s"], peak / flops
     baseline_img_s = baseline["throughput_img_s"] if baseline else None
     defaults_img_s = (measured.get("baseline_defaults") or {}).get("throughput_img_s")
@@ -301,6 +374,10 @@ def _numbers(
         "multi_adapter_ratio": _ratio(multi["throughput_img_s"], img_s),
         "swap_errors": swap.get("swap_errors"),
         "swap_p99_ms": swap.get("swap_p99_ms"),
+        "swap_cross_replica_p99_ms": cross.get("swap_p99_ms"),
+        "swap_cross_replica_errors": cross.get("swap_errors"),
+        "database": _redact(cfg.database) if cfg.database else "embedded sqlite",
+        "artifacts": cfg.artifacts or "local directory",
         "engine": cfg.engine,
         "served_precision": precision.get("precision"),
         "int8_agreement": (precision.get("int8") or {}).get("agreement"),
@@ -312,6 +389,12 @@ def _numbers(
         "peak_gflops": round(peak, 1),
         "model_gflops": round(flops, 3),
     }
+
+
+def _redact(url: str) -> str:
+    from models.db import redact
+
+    return redact(url)
 
 
 def _command_line() -> str:
@@ -360,6 +443,8 @@ def command(
     default_baseline: Annotated[
         bool | None, typer.Option(help=f"{_help('default_baseline')[:-1]}; --quick: off)", show_default=False)
     ] = None,
+    database: Annotated[str | None, typer.Option(help=_help("database"), show_default=False)] = None,
+    artifacts: Annotated[str | None, typer.Option(help=_help("artifacts"), show_default=False)] = None,
 ) -> None:
     """Throughput, latency, multi-adapter and hot-swap behaviour of the service under load, vs its baselines."""
     given = {
@@ -383,16 +468,21 @@ def command(
         token=token or settings.load().admin_token or TOKEN,
         baseline=baseline,
         default_baseline=(not quick) if default_baseline is None else default_baseline,
+        database=database,
+        artifacts=artifacts,
     )
     _check(cfg)
+    if cfg.database:
+        check_database(cfg.database)
     # a plain SIGTERM would skip the `with` blocks that stop the servers this run started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-") as tmp:
         result = run_bench(cfg, Path(tmp))
     out = out_dir if out_dir is not None else (None if quick else RESULTS)
     if out is not None:
-        write_results(result, out)
-        console.log(f"wrote {out / 'serve.md'} and {out / 'serve.json'}")
+        name = "serve-scaleout" if cfg.database else "serve"
+        write_results(result, out, name)
+        console.log(f"wrote {out / f'{name}.md'} and {out / f'{name}.json'}")
     keep = {k: v for k, v in result.items() if k not in ("phases", "config", "machine", "command")}
     print(json.dumps(keep), flush=True)
 
@@ -408,6 +498,10 @@ def _check(cfg: BenchConfig) -> None:
         problems.append(
             "--clients, --adapters, --workers, --images-per-request must be >= 1, --seconds > 0, --size >= 8"
         )
+    if (cfg.database is None) != (cfg.artifacts is None):
+        problems.append("--database and --artifacts go together: replicas on one database share one artifact store")
+    if cfg.url and cfg.database:
+        problems.append("--url drives a running service: its own settings name its stores (no --database/--artifacts)")
     if problems:
         console.print("[red]error:[/red] " + "; ".join(problems))
         raise typer.Exit(2)

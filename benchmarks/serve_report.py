@@ -63,6 +63,10 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         ),
         ("hot swaps under load: count / swap_errors", f"{swap.get('swaps')} / {r['swap_errors']}"),
         ("swap_p99_ms (promote p99 ms)", f"{r['swap_p99_ms']} ({swap.get('promote_p99_ms')})"),
+        ("state database / artifact store", f"{r.get('database', 'embedded sqlite')} / "
+                                            f"{r.get('artifacts', 'local directory')}"),
+        ("swap across replicas: promoted through a second replica, served by the first: p99 ms / errors",
+         f"{r.get('swap_cross_replica_p99_ms')} / {r.get('swap_cross_replica_errors')}"),
         ("errors (single + multi phases)", r["errors"]),
     ]
 
@@ -204,6 +208,6 @@ def _load(values: Any) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
 
 
-def write_results(r: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """serve.json and serve.md in `out_dir`; returns (md, json)."""
-    return write_record(out_dir, "serve", r, markdown(r))
+def write_results(r: dict[str, Any], out_dir: Path, name: str = "serve") -> tuple[Path, Path]:
+    """<name>.json and <name>.md in `out_dir` (serve-scaleout: a run on --database); returns (md, json)."""
+    return write_record(out_dir, name, r, markdown(r))

@@ -156,6 +156,39 @@ def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> N
     assert "| throughput / baseline |" in (tmp_path / "out" / "serve.md").read_text()
 
 
+@pytest.mark.slow
+def test_quick_bench_on_postgresql_and_s3_measures_swaps_across_replicas(
+    tmp_path: Path, postgres_url: str, s3_url: str
+) -> None:
+    """--database / --artifacts: every server on a real PostgreSQL and moto's S3 (AWS_* from the environment), a
+    second replica promoting while the first serves; results as serve-scaleout, beside serve's."""
+    env = {**os.environ, "ADAPTSERVE_HOME": str(tmp_path / "unused-home")}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "benchmarks.serve", "--quick", "--no-baseline", "--out-dir", str(out),
+           "--database", postgres_url, "--artifacts", s3_url]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["swap_errors"] == 0 and result["swap_cross_replica_errors"] == 0
+    assert result["swap_cross_replica_p99_ms"] is not None and result["swap_cross_replica_p99_ms"] < 1000
+    assert result["database"].startswith("postgresql+psycopg://") and result["artifacts"] == s3_url
+    assert sorted(p.name for p in out.iterdir()) == ["serve-scaleout.json", "serve-scaleout.md"]
+    assert "| swap across replicas" in (out / "serve-scaleout.md").read_text()
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    refusal = " ".join(again.stderr.split())  # rich wraps the line
+    assert again.returncode == 2 and "holds 2 adapter(s)" in refusal, "a database with adapters is refused"
+
+
+def test_database_and_artifacts_go_together_and_not_with_url() -> None:
+    for extra in (["--database", "sqlite:////tmp/x.db"], ["--artifacts", "s3://b/p"],
+                  ["--url", "http://127.0.0.1:9", "--database", "sqlite:////tmp/x.db", "--artifacts", "/tmp/a"]):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--quick", *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (extra, done.stderr[-2000:])
+        assert "--database" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_worker_pids_skips_children_that_exited_unreaped(tmp_path: Path) -> None:
     """A zombie under the server (e.g. a second job runner that found runner.lock taken) is not a worker, and
     asking for its command line must not fail the caller."""
