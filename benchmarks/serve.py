@@ -15,11 +15,9 @@ What one run does (every number comes from the same run on the same machine):
    ADAPTSERVE_MAX_BATCH=1), same clients, workers and threads; and once more with the service's default
    deployment (1 worker, all cores), for reference.
 
-With `--database URL --artifacts URL` (PostgreSQL + S3, say) every server of the run keeps its state there
-instead of in its temporary home (the adapters are published there too), and one more phase runs: `swap across
-replicas`, a second replica with a home of its own on the same database and store, promoting through it while the
-load goes to the first (`swap_cross_replica_p99_ms`). Its results are written as serve-scaleout.md / .json, beside
-the embedded default's serve.md / .json.
+With `--database URL --artifacts URL` (PostgreSQL + S3, say) every server of the run keeps its state there, and a
+swap phase across two replicas is added (benchmarks/scaleout.py); the results are written as serve-scaleout.md /
+.json, beside the embedded default's serve.md / .json.
 
 Swap latency of one promote = from sending the promote request until the send time of the first request after
 which every request for that adapter (answered by any worker) named the new version; `swap_p99_ms` is the
@@ -39,8 +37,7 @@ import shlex
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,9 +53,11 @@ from benchmarks.hotswap import swap_phase
 from benchmarks.loadgen import PhaseStats, make_jpegs, predict_bodies, run_phase
 from benchmarks.machine import machine_info
 from benchmarks.output import RESULTS
+from benchmarks.scaleout import check_database, environ, measure_cross_replica, shared_env
 from benchmarks.serve_process import ServeProcess
 from benchmarks.serve_report import write_results
 from models import settings
+from models.db import redact
 from models.settings import ENGINES
 from models.strategies import LORA_TARGETS
 
@@ -107,48 +106,6 @@ def _env(**values: object) -> dict[str, str]:
     return {settings.env_name(name): str(value) for name, value in values.items()}
 
 
-def shared_env(cfg: BenchConfig) -> dict[str, str]:
-    """The database and artifact store settings of --database / --artifacts (none: each home's embedded ones)."""
-    return _env(database_url=cfg.database, artifacts_url=cfg.artifacts) if cfg.database else {}
-
-
-@contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """os.environ with `values` set, restored after (the stores of this process read their URLs from it)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def check_database(url: str) -> None:
-    """Migrate the bench's database and refuse one that already holds adapters: a bench publishes random ones, and
-    a production registry must not get them."""
-    from sqlalchemy import func, select
-
-    from models import migrations
-    from models.db import Database, redact
-    from models.registry_tables import registry_adapters
-
-    migrations.upgrade(url)
-    database = Database(url)
-    try:
-        with database.read() as conn:
-            held = conn.execute(select(func.count()).select_from(registry_adapters)).scalar()
-    finally:
-        database.dispose()
-    if held:
-        console.print(f"[red]error:[/red] --database {redact(url)} holds {held} adapter(s): give the bench an empty "
-                      "database (it publishes random adapters)")
-        raise typer.Exit(2)
-
-
 def service_env(cfg: BenchConfig, home: Path, base: Path) -> dict[str, str]:
     """The settings of the service under test; the baselines change only what they name."""
     return _env(
@@ -165,7 +122,7 @@ def service_env(cfg: BenchConfig, home: Path, base: Path) -> dict[str, str]:
         # a random-init model has no accuracy to lose; int8 is measured anyway (top-1 agreement with fp32, in the
         # results) and would be refused on a real model beyond the default 1 point (service/engine.py)
         int8_max_drop=1,
-    ) | shared_env(cfg)
+    ) | shared_env(cfg.database, cfg.artifacts)
 
 
 def measure_service(
@@ -276,7 +233,7 @@ def measure_started(cfg: BenchConfig, base: Path, workdir: Path, int8: bool) -> 
     each in a server of its own (one phase each, on the first adapter)."""
     home = workdir / "home"
     with console.status("publishing adapters") as status:
-        with environ(shared_env(cfg)):  # published where the servers look: the shared stores with --database
+        with environ(shared_env(cfg.database, cfg.artifacts)):  # published where the servers look for them
             names = build_home(home, base, cfg.adapters, cfg.targets, lambda n: status.update(f"published {n}"),
                                int8=int8)
     env = service_env(cfg, home, base)
@@ -285,7 +242,7 @@ def measure_started(cfg: BenchConfig, base: Path, workdir: Path, int8: bool) -> 
         measured = measure_service(server.url, cfg, names, names[0], server.cpu_seconds)
         measured["precision"] = served_precision(server.url, names[0])
         if cfg.database:
-            measured["swap_cross_replica"] = measure_cross_replica(cfg, env, workdir, server.url, names[0])
+            measured["swap_cross_replica"] = measure_cross_replica(cfg, env, workdir, server.url, names[0], console)
     if int8 and cfg.fp32:
         fp32_env = {**env, **_env(engine="onnx")}
         measured["fp32"] = measure_single(cfg, fp32_env, workdir / "serve-fp32", names[0], "fp32 onnx engine")
@@ -295,19 +252,6 @@ def measure_started(cfg: BenchConfig, base: Path, workdir: Path, int8: bool) -> 
         label = ", service defaults (1 worker, all cores)"
         measured["baseline_defaults"] = measure_baseline(cfg, defaults, workdir / "serve-b2", names[0], label)
     return measured, baseline
-
-
-def measure_cross_replica(cfg: BenchConfig, env: dict[str, str], workdir: Path, url: str, adapter: str) -> dict:
-    """A second replica (a home of its own, one worker) on the same database and store; load on the first (`url`)
-    while `adapter` is promoted through the second: how long until every worker of the first serves each promote."""
-    other = {**env, **_env(home=workdir / "home-b", workers=1)}
-    console.log("swap across replicas: promotes through a second replica (its own home), load on the first")
-    with ServeProcess(other, workdir / "serve-replica-b", settle=cfg.seconds >= 10) as replica:
-        bodies = predict_bodies(make_jpegs(8, cfg.size), [adapter], cfg.per_request)
-        out = swap_phase(url, bodies, cfg.clients, cfg.seconds, adapter, cfg.swap_every, cfg.token,
-                         promote_url=replica.url)
-    console.log(f"  {out['swaps']} swaps, swap p99 {out['swap_p99_ms']} ms, errors {out['swap_errors']}")
-    return out
 
 
 def served_precision(url: str, adapter: str) -> dict | None:
@@ -376,7 +320,7 @@ def _numbers(
         "swap_p99_ms": swap.get("swap_p99_ms"),
         "swap_cross_replica_p99_ms": cross.get("swap_p99_ms"),
         "swap_cross_replica_errors": cross.get("swap_errors"),
-        "database": _redact(cfg.database) if cfg.database else "embedded sqlite",
+        "database": redact(cfg.database) if cfg.database else "embedded sqlite",
         "artifacts": cfg.artifacts or "local directory",
         "engine": cfg.engine,
         "served_precision": precision.get("precision"),
@@ -389,12 +333,6 @@ def _numbers(
         "peak_gflops": round(peak, 1),
         "model_gflops": round(flops, 3),
     }
-
-
-def _redact(url: str) -> str:
-    from models.db import redact
-
-    return redact(url)
 
 
 def _command_line() -> str:
@@ -473,7 +411,7 @@ def command(
     )
     _check(cfg)
     if cfg.database:
-        check_database(cfg.database)
+        check_database(cfg.database, console)
     # a plain SIGTERM would skip the `with` blocks that stop the servers this run started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-") as tmp:

@@ -101,9 +101,10 @@ class DriftHistory:
             count = conn.execute(select(func.count()).where(_T.c.adapter == result["adapter"])).scalar_one()
         return int(check_id), int(count)
 
-    def set_report(self, check_id: int, report: str) -> None:
+    def set_report(self, check_id: int, report: str, digest: str | None = None) -> None:
+        """The check's report: its path under the home that wrote it, and its object in the artifact store."""
         with self._write() as conn:
-            conn.execute(update(_T).where(_T.c.id == check_id).values(report=report))
+            conn.execute(update(_T).where(_T.c.id == check_id).values(report=report, report_sha256=digest))
 
     def _rows(self, query: Any) -> list[Sequence[Any]]:
         self._check_open()
@@ -121,9 +122,15 @@ class DriftHistory:
         return [_row_to_result(r) for r in reversed(rows)]
 
     def latest_report(self, adapter: str) -> str | None:
-        rows = self._rows(select(_T.c.report).where(_T.c.adapter == adapter, _T.c.report.is_not(None))
-                          .order_by(_T.c.id.desc()).limit(1))
-        return rows[0][0] if rows else None
+        found = self.latest_report_object(adapter)
+        return found[0] if found else None
+
+    def latest_report_object(self, adapter: str) -> tuple[str, str | None] | None:
+        """(path under the home that wrote it, sha256 of its object in the artifact store or None) of the adapter's
+        latest report."""
+        rows = self._rows(select(_T.c.report, _T.c.report_sha256)
+                          .where(_T.c.adapter == adapter, _T.c.report.is_not(None)).order_by(_T.c.id.desc()).limit(1))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def adapters(self) -> list[str]:
         return [r[0] for r in self._rows(select(_T.c.adapter).distinct().order_by(_T.c.adapter))]

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.artifact_store import ArtifactError, from_settings
 from models.background import BackgroundWorker
 from models.files import file_sha256
 from models.registry import NAME_PATTERN, CorruptAdapterError
@@ -50,6 +51,7 @@ from monitoring.image_stats import batch_image_stats
 from monitoring.leases import DriftLeases
 
 _NAME_RE = re.compile(NAME_PATTERN)
+_REPORT_RE = re.compile(r"[0-9A-Za-z_-]{1,64}\.html")  # <time>-<check id>.html: _write_report names them
 log = logging.getLogger(__name__)
 
 BASE = "base"  # engine key ("base", 0): traffic served by the plain base model
@@ -331,9 +333,18 @@ class DriftMonitor:
         except Exception:  # a report is for humans: its failure must not fail the check or stop the thread
             log.exception("drift monitor: Evidently report for check %d of %s v%s failed", check_id, adapter, version)
             return None
-        self.checks.set_report(check_id, str(out))
+        self.checks.set_report(check_id, str(out), self._share_report(out))
         prune_reports(out.parent, self.cfg.report_keep)
         return str(out)
+
+    def _share_report(self, path: Path) -> str | None:
+        """Upload a report to the artifact store, so that every replica can serve it; its sha256, or None when the
+        upload failed (this replica still serves it from its own home)."""
+        try:
+            return from_settings().put_file(path)
+        except Exception:
+            log.exception("drift monitor: report %s not uploaded to the artifact store", path.name)
+            return None
 
     def report_path(self, adapter: str) -> Path | None:
         """The adapter's latest Evidently HTML report, or None. Only a file under ``<home>/reports/<adapter>/`` is
@@ -341,11 +352,29 @@ class DriftMonitor:
         if not isinstance(adapter, str) or not _NAME_RE.fullmatch(adapter):
             raise UnknownAdapterError(f"invalid adapter name {adapter!r}: must match {NAME_PATTERN}")
         root = (self.home / "reports" / adapter).resolve()
-        latest = self.checks.latest_report(adapter)
-        if latest is not None and Path(latest).is_file() and Path(latest).resolve().parent == root:
-            return Path(latest)
+        latest = self.checks.latest_report_object(adapter)
+        if latest is not None:
+            path, digest = Path(latest[0]), latest[1]
+            if path.is_file() and path.resolve().parent == root:
+                return path
+            if digest and _REPORT_RE.fullmatch(path.name):  # written by another replica: fetched, verified
+                fetched = self._fetch_report(digest, root / path.name)
+                if fetched is not None:
+                    return fetched
         files = sorted(root.glob("*.html"), key=lambda f: (f.stat().st_mtime, f.name))
         return files[-1] if files else None
+
+    def _fetch_report(self, digest: str, dest: Path) -> Path | None:
+        from monitoring.reports import prune_reports  # here, as above; evidently itself only loads to write one
+
+        try:
+            from_settings().get_file(digest, dest)
+        except (ArtifactError, OSError, ValueError):
+            log.exception("drift monitor: report %s (sha256 %s) not fetched from the artifact store", dest.name,
+                          digest)
+            return None
+        prune_reports(dest.parent, self.cfg.report_keep)
+        return dest if dest.is_file() else None
 
     # ------------------------------------------------------------------------------------- reads
 

@@ -91,17 +91,17 @@ def test_the_autoscaler_targets_the_service() -> None:
     assert hpa["spec"]["scaleTargetRef"]["name"] == "adaptserve" and hpa["spec"]["minReplicas"] >= 2
 
 
-def test_every_pod_mounts_the_shared_home() -> None:
-    """The registry still lives under ADAPTSERVE_HOME: every pod must see the same one (README, Deploy)."""
+def test_every_pod_keeps_its_home_to_itself() -> None:
+    """State is shared through the database and artifact URLs only: each pod's ADAPTSERVE_HOME is a local cache
+    (an emptyDir), and no manifest asks for a shared volume (README, Deploy)."""
     home = settings.load(_settings_map()).home.as_posix()
     for deployment in _kind("Deployment"):
         spec = deployment["spec"]["template"]["spec"]
-        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
         for container in spec["containers"]:
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == home]
-            assert claims[mount["name"]] == "adaptserve-home", deployment["metadata"]["name"]
-    (claim,) = _kind("PersistentVolumeClaim")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+            assert set(volumes[mount["name"]]) == {"name", "emptyDir"}, deployment["metadata"]["name"]
+    assert not _kind("PersistentVolumeClaim") and not _kind("PersistentVolume")
 
 
 _WITHOUT_BENCHMARKS = """

@@ -393,6 +393,39 @@ def test_replicas_scheduling_one_adapter_run_one_check_per_interval(service_home
         assert sorted(len(r) for r in results) == [0, 1] and len(two.history("site-a")) == 3
 
 
+def test_a_report_written_by_one_replica_is_served_by_another(service_home: Path, second_home: Path,
+                                                              source_model: Path, traffic: dict, shared_url: str,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """GET /drift/report through any replica: the replica that wrote a check's report uploaded it to the shared
+    artifact store; another one fetches it, verified, into its own home. A damaged object is never served."""
+    shared = service_home / "artifacts"  # the template's registry objects are there: every replica's store
+    monkeypatch.setenv("ADAPTSERVE_ARTIFACTS_URL", str(shared))
+
+    def fake_report(reference, current, out_html, **kwargs):  # Evidently itself is tested in test_reports.py
+        Path(out_html).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_html).write_text(f"<html>{len(current)} records, {kwargs['metadata']['check_id']}</html>")
+        return {}
+
+    monkeypatch.setattr("monitoring.reports.write_report", fake_report)
+    with _monitor(service_home, source_model) as one, _monitor(second_home, source_model) as two:
+        assert two.report_path("site-a") is None
+        _send(one, traffic, "clean", n=120, replica="r1-")
+        assert one.flush()
+        written = Path(one.check("site-a", write_report=True)["report"])
+        served = two.report_path("site-a")
+        assert served == second_home / "reports" / "site-a" / written.name
+        assert served.read_text() == written.read_text() == "<html>120 records, 1</html>"
+
+        served.unlink()  # gone from the second home; its object damaged in the store
+        (obj,) = [p for p in shared.rglob("*") if p.is_file() and p.read_bytes() == written.read_bytes()]
+        obj.write_text("<html>tampered</html>")
+        with caplog.at_level("ERROR", logger="monitoring.monitor"):
+            assert two.report_path("site-a") is None
+        assert "not fetched from the artifact store" in caplog.text and not served.exists()
+        assert one.report_path("site-a") == written, "the writer serves its own copy"
+
+
 def test_config_from_env_and_the_settings_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTSERVE_DRIFT_INTERVAL_S", "0")
     monkeypatch.setenv("ADAPTSERVE_DRIFT_WINDOW", "300")
