@@ -28,11 +28,15 @@ class Promote:
     ok: bool
 
 
-def swap_latencies(samples: list[Sample], promotes: list[Promote], adapter: str) -> tuple[list[float], int]:
+def swap_latencies(
+    samples: list[Sample], promotes: list[Promote], adapter: str, since: str = "sent"
+) -> tuple[list[float], int]:
     """(latency in ms per completed swap, swaps that did not complete before the next promote or the end).
 
     A swap's latency runs from sending its promote to the send time of the first request after which every
-    request for `adapter` sent before the next promote named the new version.
+    request for `adapter` sent before the next promote named the new version. since="returned" measures from the
+    promote's answer instead (the registry had committed it; 0 when that request was sent before the answer came):
+    the agreement between workers, without the time the promoted replica took to check and load the version.
     """
     mine = [s for s in samples if s.adapter == adapter and s.status == 200]
     latencies, incomplete = [], 0
@@ -44,7 +48,8 @@ def swap_latencies(samples: list[Sample], promotes: list[Promote], adapter: str)
         if first_new >= len(window):
             incomplete += 1
             continue
-        latencies.append(1000 * (window[first_new].sent - p.sent))
+        start = p.returned if since == "returned" else p.sent
+        latencies.append(max(0.0, 1000 * (window[first_new].sent - start)))
     return latencies, incomplete
 
 
@@ -92,12 +97,15 @@ def swap_phase(
     loop = promote_loop(promote_url, adapter, every, seconds, promotes, token)
     stats, samples, _ = run_phase(url, bodies, clients, seconds, 0.0, loop)
     latencies, incomplete = swap_latencies(samples, promotes, adapter)
+    after, _ = swap_latencies(samples, promotes, adapter, since="returned")
     wrong = sum(s.status == 200 and s.version not in (1, 2) for s in samples)
     reset_ok = promote(promote_url, adapter, 1, token)
     return {
         "swaps": len(promotes),
         "swap_ms": [round(x, 1) for x in latencies],
         "swap_p99_ms": percentile(latencies, 99),
+        "swap_after_promote_ms": [round(x, 1) for x in after],
+        "swap_after_promote_p99_ms": percentile(after, 99),
         "swap_errors": stats.errors + wrong + incomplete + sum(not p.ok for p in promotes) + (not reset_ok),
         "swap_incomplete": incomplete,
         "promote_p99_ms": percentile([1000 * (p.returned - p.sent) for p in promotes], 99),

@@ -319,6 +319,7 @@ def _numbers(
         "swap_errors": swap.get("swap_errors"),
         "swap_p99_ms": swap.get("swap_p99_ms"),
         "swap_cross_replica_p99_ms": cross.get("swap_p99_ms"),
+        "swap_cross_replica_after_promote_p99_ms": cross.get("swap_after_promote_p99_ms"),
         "swap_cross_replica_errors": cross.get("swap_errors"),
         "database": redact(cfg.database) if cfg.database else "embedded sqlite",
         "artifacts": cfg.artifacts or "local directory",

@@ -65,8 +65,10 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         ("swap_p99_ms (promote p99 ms)", f"{r['swap_p99_ms']} ({swap.get('promote_p99_ms')})"),
         ("state database / artifact store", f"{r.get('database', 'embedded sqlite')} / "
                                             f"{r.get('artifacts', 'local directory')}"),
-        ("swap across replicas: promoted through a second replica, served by the first: p99 ms / errors",
-         f"{r.get('swap_cross_replica_p99_ms')} / {r.get('swap_cross_replica_errors')}"),
+        ("swap across replicas (promoted through a second replica, served by the first): p99 ms from the promote "
+         "sent / from its answer / errors",
+         f"{r.get('swap_cross_replica_p99_ms')} / {r.get('swap_cross_replica_after_promote_p99_ms')} / "
+         f"{r.get('swap_cross_replica_errors')}"),
         ("errors (single + multi phases)", r["errors"]),
     ]
 
