@@ -43,6 +43,7 @@ from models.state import open_state
 from monitoring.detectors import ReferenceSet
 from monitoring.image_stats import STAT_NAMES
 from monitoring.tables import CAPTURE_LOCK, capture_records, insert_new
+from monitoring.uncertainty import entropy_and_confidence, top2_margin
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class PredictionRecord:
     entropy: float
     predicted: int
     label: str
+    margin: float = float("nan")  # top-1 minus top-2 probability (label requests' uncertainty); NaN: not known
 
     def __post_init__(self) -> None:
         self.embedding = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
@@ -85,21 +87,6 @@ class PredictionRecord:
         if len(self.stats) != len(STAT_NAMES):
             raise ValueError(f"stats must have {len(STAT_NAMES)} values in STAT_NAMES order {STAT_NAMES}, "
                              f"got {len(self.stats)}; compute them with monitoring.image_stats.batch_image_stats.")
-
-
-def entropy_and_confidence(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(top-1 confidence, entropy in nats) per row of an (n, classes) probability array; a 1-d array is one row.
-
-    Returns two float64 (n,) arrays. Zero probabilities contribute 0 to the entropy (0 log 0 = 0).
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    p = p.reshape(1, -1) if p.ndim == 1 else p
-    if p.ndim != 2 or p.shape[1] == 0:
-        raise ValueError(f"probs must be (n, classes) probabilities, got shape {np.shape(probs)}; "
-                         "apply softmax to the logits first.")
-    logp = np.log(np.where(p > 0.0, p, 1.0))  # log 1 = 0 where p == 0
-    entropy = -np.einsum("ij,ij->i", p, logp)
-    return p.max(axis=1), np.maximum(entropy, 0.0)
 
 
 def reference_from_arrays(embeddings: np.ndarray, stats: np.ndarray, probs: np.ndarray) -> ReferenceSet:
@@ -124,8 +111,10 @@ def make_records(
     class_names: Sequence[str],
     created_at: float | None = None,
 ) -> list[PredictionRecord]:
-    """PredictionRecords for one served batch: confidence, entropy and class are computed vectorised from probs."""
+    """PredictionRecords for one served batch: confidence, entropy, margin and class are computed vectorised from
+    probs."""
     confidence, entropy = entropy_and_confidence(probs)
+    margin = top2_margin(probs)
     predicted = np.asarray(probs).reshape(len(confidence), -1).argmax(axis=1)
     embeddings = np.asarray(embeddings, dtype=np.float32)
     stats = np.asarray(stats, dtype=np.float64)
@@ -135,7 +124,7 @@ def make_records(
     now = time.time() if created_at is None else created_at
     return [
         PredictionRecord(pid, adapter, int(version), now, embeddings[i], stats[i], float(confidence[i]),
-                         float(entropy[i]), int(predicted[i]), str(class_names[predicted[i]]))
+                         float(entropy[i]), int(predicted[i]), str(class_names[predicted[i]]), float(margin[i]))
         for i, pid in enumerate(prediction_ids)
     ]
 
@@ -242,7 +231,8 @@ class CaptureStore:
         values = (r.prediction_id, r.adapter, int(r.version), float(r.created_at), int(r.predicted), str(r.label),
                   float(r.confidence), float(r.entropy), r.stats.astype("<f8").tobytes(), code,
                   r.embedding.astype("<" + code).tobytes())
-        return dict(zip(_FIELDS, values, strict=True))
+        margin = float(r.margin) if np.isfinite(r.margin) else None
+        return dict(zip(_FIELDS, values, strict=True)) | {"margin": margin}
 
     @staticmethod
     def _embeddings(codes: Sequence[str], blobs: Sequence[bytes]) -> np.ndarray:

@@ -43,6 +43,8 @@ capture_records = Table(
     Column("stats", LargeBinary, nullable=False),
     Column("emb_dtype", String(2), nullable=False),
     Column("embedding", LargeBinary, nullable=False),
+    # top-1 minus top-2 probability, what label requests rank by (0008_capture_margin); NULL for older rows
+    Column("margin", Float, nullable=True),
 )
 Index("ix_capture_records_adapter_time", capture_records.c.adapter, capture_records.c.created_at)
 

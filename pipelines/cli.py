@@ -426,7 +426,7 @@ app.add_typer(db_app, name="db")
 app.command("retrain")(retrain_command)
 
 
-from pipelines.labels_cli import data_add, data_conflicts  # noqa: E402
+from pipelines.labels_cli import data_add, data_conflicts, labels_app  # noqa: E402
 
 
 def _add_bench_commands() -> None:
@@ -449,6 +449,7 @@ def _add_bench_commands() -> None:
 
 
 _add_bench_commands()
+app.add_typer(labels_app, name="labels")
 data_app.command("add")(data_add)
 data_app.command("conflicts")(data_conflicts)
 

@@ -1,8 +1,11 @@
 """`adaptserve data add` and `adaptserve data conflicts`: a labelled folder into the label store, and the labels that
-contradict each other. Registered by pipelines/cli.py under `adaptserve data`."""
+contradict each other (registered by pipelines/cli.py under `adaptserve data`); `adaptserve labels requests`: which
+captured predictions to label next."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +16,7 @@ from rich.table import Table
 
 from models import paths
 from models.metadata import ArtifactError, ModelMeta
+from pipelines.cli_support import console, make_app
 from pipelines.data import DataError
 from pipelines.labels import LabelError, LabelStore, shorten
 
@@ -73,3 +77,46 @@ def data_conflicts(
     s = store.summary(adapter)
     Console().print(f"{adapter}: {s['conflicts']} pending conflict(s), {s['contradictions']} contradiction(s) in all; "
                     f"labels by trust: {s['per_trust']}; trusted holdout: {s['trusted_holdout']}")
+
+
+labels_app = make_app("Labels: which captured predictions to label next.")
+
+
+@labels_app.command("requests")
+def labels_requests(
+    adapter: Annotated[str, typer.Option(help="adapter whose captured predictions to choose from")],
+    n: Annotated[int, typer.Option("-n", "--n", min=1, max=500, help="how many to request")] = 20,
+    out: Annotated[
+        Path | None, typer.Option(help="write each requested image to OUT/<id>.png, to look at while labelling")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the answer of GET /labels/requests (no images)")
+    ] = False,
+) -> None:
+    """The N captured predictions of ADAPTER most worth a label: smallest margin first, then k-center greedy over
+    the embeddings, so they differ from each other and from what is labelled. The same list as
+    GET /labels/requests; label one with POST /feedback {"id": ID, "label": CLASS}."""
+    # the service owns the input cache; this command reads it (lint-imports allows this one, as for `db copy`)
+    from service.inputs import InputCache
+    from service.label_requests import label_requests
+
+    answer = label_requests(InputCache.from_env(paths.home()), adapter, n, images=out is not None)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for r in answer["requests"]:
+            (out / f"{r['id']}.png").write_bytes(base64.b64decode(r.pop("image")))
+    if as_json:
+        print(json.dumps(answer))
+        return
+    table = Table("#", "prediction id", "predicted", "confidence", "margin", "version", "age")
+    now = time.time()
+    for i, r in enumerate(answer["requests"], 1):
+        table.add_row(str(i), r["id"], r["predicted"], f"{r['confidence']:.3f}", f"{r['margin']:.3f}",
+                      f"v{r['version']}", f"{now - r['created_at']:.0f} s")
+    console.print(table)
+    console.print(f"{adapter}: {len(answer['requests'])} of {answer['candidates']} unlabelled candidate(s); "
+                  f"{answer['labelled']} captured prediction(s) already labelled. {answer.get('note', '')}")
+    if answer["requests"]:
+        where = f" (images in {out})" if out is not None else ""
+        console.print(f"label one{where}: POST /feedback {{\"id\": \"{answer['requests'][0]['id']}\", "
+                      "\"label\": \"<class>\"}")

@@ -309,6 +309,26 @@ class AdaptServe:
         return {"adapter": adapter, "conflicts": self.labels.conflicts(adapter, limit=limit),
                 "summary": self.labels.summary(adapter)}
 
+    @api.get("/labels/requests")
+    def label_requests(
+        self, adapter: AdapterQuery, n: Annotated[int, Query(ge=1, le=500)] = 20,
+        images: bool = True, authorization: Authorization = None,
+    ) -> Any:
+        """The `n` captured predictions of `adapter` most worth a label (smallest margin, then the most different
+        from each other and from what is labelled), with their images as base64 PNG; label one with
+        POST /feedback {"id": ..., "label": ...}. Needs a labeller token: the images are the clients' data."""
+        from service.label_requests import label_requests  # the input cache decodes with torch: worker only
+
+        self._require(authorization, "labeller", "reading label requests")
+        if adapter not in {i.name for i in self.rt.registry.list_adapters()}:
+            raise errors.NotFoundError(f"unknown adapter {adapter!r}")
+        if self.rt.inputs is None:
+            raise errors.NotFoundError(
+                "label requests need the inputs of recent predictions, and their cache is off "
+                "(ADAPTSERVE_FEEDBACK_MAX_ITEMS=0)"
+            )
+        return label_requests(self.rt.inputs, adapter, n, images=images)
+
     @api.post("/retrain", status_code=202)
     def retrain(self, body: AdapterRequest, authorization: Authorization = None) -> Any:
         """Queue a retrain job for an adapter (the job runner process picks it up)."""
