@@ -10,7 +10,9 @@ Invariants:
 * every state change is one transaction (`models.db.Database.write`): durable for state changes, durable=False for
   progress, log lines and lease renewals, which is still safe against kill -9 and only risks the last of them on
   power loss;
-* at most one queued-or-running job per adapter (a partial unique index, so the database refuses it too);
+* at most one queued and one running job per adapter (partial unique indexes, so the database refuses more too),
+  and a queued job is claimed only once its adapter's running job ended: a manual retrain asked for while the
+  policy's job runs waits behind it (`submit_in`);
 * a claim is exclusive: on PostgreSQL `claim_next` takes the oldest queued row with SELECT ... FOR UPDATE SKIP
   LOCKED, so runners claiming at once neither wait for one another nor get the same job; on SQLite every write is
   serialized, which is enough;
@@ -85,7 +87,8 @@ class UnknownAdapterJobError(JobError, LookupError):
 
 
 class DuplicateJobError(JobError):
-    """The adapter already has a queued or running job (HTTP 409); ``existing_id`` names it."""
+    """The adapter's job cannot be added (HTTP 409; JobStore.submit_in says when); ``existing_id`` names the one
+    there is."""
 
     status_code = 409
 
@@ -94,8 +97,8 @@ class DuplicateJobError(JobError):
         self.existing = existing
         super().__init__(
             f"adapter {existing.adapter!r} already has a {existing.state} retrain job {existing.id} "
-            f"(created {iso_time(existing.created_at)}); one job per adapter at a time: follow it with "
-            f"GET /jobs/{existing.id} or `adaptserve jobs show {existing.id}`"
+            f"(created {iso_time(existing.created_at)}, {existing.trigger}); it trains on every label there is when "
+            f"it starts: follow it with GET /jobs/{existing.id} or `adaptserve jobs show {existing.id}`"
         )
 
 
@@ -267,13 +270,14 @@ class JobStore(JobsDatabase):
         return _job(row)
 
     @staticmethod
-    def _active(conn: Connection, adapter: str) -> Job | None:
-        row = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.adapter == adapter, jobs.c.state.in_(ACTIVE_STATES)))
-        found = row.first()
-        return None if found is None else _job(found)
+    def _active(conn: Connection, adapter: str) -> list[Job]:
+        """The adapter's queued and running jobs (at most one of each), running first."""
+        rows = conn.execute(select(*_JOB_COLUMNS).where(jobs.c.adapter == adapter, jobs.c.state.in_(ACTIVE_STATES)))
+        return sorted((_job(r) for r in rows), key=lambda j: j.state != "running")
 
     def submit(self, adapter: str, trigger: str = "manual", reason: str = "") -> Job:
-        """Queue a job; UnknownAdapterJobError, or DuplicateJobError if the adapter has a queued/running job."""
+        """Queue a job; UnknownAdapterJobError, or DuplicateJobError when the adapter's job can be neither queued
+        nor taken over (see submit_in)."""
         if trigger not in TRIGGERS:
             raise ValueError(f"unknown trigger {trigger!r}; expected one of {', '.join(TRIGGERS)}")
         self._check_adapter(adapter)
@@ -284,23 +288,37 @@ class JobStore(JobsDatabase):
             # a writer that skipped the JOBS_LOCK check raced us: the partial unique index refused the second job
             with self.database.read() as conn:
                 existing = self._active(conn, adapter)
-            if existing is None:
+            if not existing:
                 raise
-            raise DuplicateJobError(existing) from None
+            raise DuplicateJobError(existing[-1]) from None
         log.info("queued job %s for adapter %r (%s) %s", job.id, adapter, trigger, reason)
         return job
 
     def submit_in(self, conn: Connection, adapter: str, trigger: str, reason: str) -> Job:
-        """Queue a job inside the caller's write of JOBS_LOCK (a schedule's fire commits its tick with it);
-        DuplicateJobError if the adapter has an active job. The adapter is not checked here."""
-        existing = self._active(conn, adapter)
-        if existing is not None:
-            raise DuplicateJobError(existing)
+        """Queue a job inside the caller's write of JOBS_LOCK (a schedule's fire commits its tick with it). The
+        adapter is not checked here.
+
+        The policy and schedules start a job only when the adapter has none (DuplicateJobError otherwise). A manual
+        job is what somebody asked for, so it is never refused for the policy's: while a job runs it is queued
+        behind it (claimed once that one ended, on every label there is then), and a drift or schedule job still
+        waiting in the queue becomes the manual one (same id, it had not started). Only a manual job already
+        queued refuses another (DuplicateJobError): it will run on the same labels."""
+        active = self._active(conn, adapter)
+        queued = next((j for j in active if j.state == "queued"), None)
+        if active and (trigger != "manual" or (queued is not None and queued.trigger == "manual")):
+            raise DuplicateJobError(queued or active[0])
+        if queued is not None:  # a policy or schedule job not started yet: the manual request takes it over
+            note = f"superseded by a manual request ({reason}); was {queued.trigger}: {queued.reason}"
+            conn.execute(update(jobs).where(jobs.c.id == queued.id).values(
+                trigger="manual", reason=reason, message=f"waiting for the job runner (took over the queued "
+                f"{queued.trigger} job)", log=jobs.c.log + _log_line(note)))
+            return self._get(conn, queued.id)
+        behind = f"queued behind running job {active[0].id}" if active else "waiting for the job runner"
         job_id = uuid.uuid4().hex[:12]
         seq = conn.execute(select(func.coalesce(func.max(jobs.c.seq), 0))).scalar_one() + 1
         conn.execute(insert(jobs).values(
             id=job_id, seq=seq, adapter=adapter, trigger=trigger, reason=reason, state="queued", progress=0.0,
-            message="waiting for the job runner", created_at=time.time(),
+            message=behind, created_at=time.time(),
             log=_log_line(f"queued ({trigger}) {reason}"),
         ))
         return self._get(conn, job_id)
@@ -324,8 +342,9 @@ class JobStore(JobsDatabase):
 
     def claim_next(self, pid: int, runner_id: str | None = None,
                    lease_s: float = settings.default("job_lease_s")) -> Job | None:
-        """The oldest queued job, moved to running, stamped with the claiming runner and leased to it for
-        `lease_s`; None if none is queued. Jobs whose lease ran out are failed first (LEASE_ERROR).
+        """The oldest queued job whose adapter has no running job, moved to running, stamped with the claiming
+        runner and leased to it for `lease_s`; None if there is none. Jobs whose lease ran out are failed first
+        (LEASE_ERROR).
 
         Claims do not take JOBS_LOCK: on PostgreSQL the row lock of FOR UPDATE SKIP LOCKED is what keeps two claims
         apart (each runner's write lock is its own), so runners claim in parallel and never the same job."""
@@ -333,7 +352,10 @@ class JobStore(JobsDatabase):
         def claim(conn: Connection) -> tuple[Job | None, list[str]]:
             now = time.time()
             expired = self._fail_expired(conn, now)
-            oldest = select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.created_at, jobs.c.seq)
+            running = jobs.alias("running")
+            busy = select(running.c.id).where(running.c.adapter == jobs.c.adapter, running.c.state == "running")
+            oldest = (select(jobs.c.id).where(jobs.c.state == "queued", ~busy.exists())  # one at a time per adapter
+                      .order_by(jobs.c.created_at, jobs.c.seq))
             row = conn.execute(oldest.limit(1).with_for_update(skip_locked=True)).first()
             if row is None:
                 return None, expired

@@ -178,7 +178,7 @@ def retrain_command(
     wait: Annotated[
         bool,
         typer.Option(
-            help="follow the job's progress until it ends (the adapter's job already queued or running, if it has "
+            help="follow the job's progress until it ends (the adapter's manual job already queued, if it has "
             "one); exit 0 succeeded, 3 rejected, 1 failed"
         ),
     ] = False,
@@ -190,12 +190,13 @@ def retrain_command(
     except DuplicateJobError as err:
         if not wait:
             fail(str(err))
-        job = err.existing  # one job per adapter at a time: the one there is, is the one to wait for
+        job = err.existing  # a manual job already queued: it runs on the same labels, so it is the one to wait for
         console.print(f"{adapter} already has a {job.state} retrain job [bold]{job.id}[/bold]: following it")
     except JobError as err:
         fail(str(err))
     else:
-        console.print(f"queued retrain job [bold]{job.id}[/bold] for {adapter} (`adaptserve jobs show {job.id}`)")
+        console.print(f"queued retrain job [bold]{job.id}[/bold] for {adapter}: {job.message} "
+                      f"(`adaptserve jobs show {job.id}`)")
     if job.state == "queued":
         _no_runner_note()
     if wait:

@@ -5,7 +5,8 @@ that the two agree on SQLite and PostgreSQL. Times are epoch seconds (UTC) as fl
 
 Invariants the schema itself enforces, on both backends:
 
-* at most one queued-or-running job per adapter: the partial unique index `ix_jobs_one_active_per_adapter`;
+* at most one queued and one running job per adapter: the partial unique indexes `ix_jobs_one_queued_per_adapter`
+  and `ix_jobs_one_running_per_adapter` (revision 0009_jobs_queue_behind; before it, one of either);
 * `jobs.seq` numbers jobs in submission order (unique), the tie-break wherever jobs are ordered by time;
 * one schedule per (adapter, cron); schedule ids are never reused (SQLite AUTOINCREMENT, a PostgreSQL sequence).
 """
@@ -42,7 +43,7 @@ def _one_of(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-_ACTIVE = text(_one_of("state", ACTIVE_STATES))
+_QUEUED, _RUNNING = text("state = 'queued'"), text("state = 'running'")
 
 jobs = Table(
     "jobs", metadata,
@@ -68,7 +69,9 @@ jobs = Table(
     Column("lease_until", Float),
     CheckConstraint(_one_of("trigger", TRIGGERS), name="trigger"),
     CheckConstraint(_one_of("state", STATES), name="state"),
-    Index("ix_jobs_one_active_per_adapter", "adapter", unique=True, sqlite_where=_ACTIVE, postgresql_where=_ACTIVE),
+    Index("ix_jobs_one_queued_per_adapter", "adapter", unique=True, sqlite_where=_QUEUED, postgresql_where=_QUEUED),
+    Index("ix_jobs_one_running_per_adapter", "adapter", unique=True, sqlite_where=_RUNNING,
+          postgresql_where=_RUNNING),
     Index("ix_jobs_by_adapter", "adapter", "created_at"),
     Index("ix_jobs_by_state", "state", "created_at"),
 )

@@ -331,7 +331,9 @@ class AdaptServe:
 
     @api.post("/retrain", status_code=202)
     def retrain(self, body: AdapterRequest, authorization: Authorization = None) -> Any:
-        """Queue a retrain job for an adapter (the job runner process picks it up)."""
+        """Queue a retrain job for an adapter (the job runner process picks it up). While a job of the adapter runs,
+        this one waits behind it; a drift or schedule job not started yet becomes this one; 409 only when a manual
+        job already waits (it will train on the same labels)."""
         self._require(authorization, "admin", "retrain")
         return {"job": self.jobs.submit(body.adapter, "manual", "POST /retrain").to_dict()}
 

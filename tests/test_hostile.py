@@ -156,6 +156,7 @@ def test_feedback_without_a_labeller_token_is_refused_and_stores_nothing(server:
         f"{server.url}/feedback", json={"id": pid, "label": "4"}, timeout=30).json()["error"]
     assert LabelStore(home).count("site-a") == 0
     assert httpx.get(f"{server.url}/labels/conflicts", params={"adapter": "site-a"}).status_code == 401
+    assert httpx.get(f"{server.url}/labels/requests", params={"adapter": "site-a"}).status_code == 401
 
 
 @pytest.mark.parametrize(

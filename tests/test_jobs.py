@@ -248,6 +248,8 @@ def test_duplicate_concurrent_job_is_refused_naming_the_existing_job(store: JobS
     assert err.value.existing_id == first.id
     assert str(err.value).startswith(f"adapter 'ok-a' already has a queued retrain job {first.id} (created ")
     assert f"GET /jobs/{first.id}" in str(err.value)
+    with pytest.raises(DuplicateJobError, match=f"already has a queued retrain job {first.id}"):
+        store.submit("ok-a")  # a manual job already waits: it will train on the same labels
     store.claim_next(os.getpid())
     with pytest.raises(DuplicateJobError, match=f"already has a running retrain job {first.id}"):
         store.submit("ok-a", trigger="drift")
@@ -256,30 +258,37 @@ def test_duplicate_concurrent_job_is_refused_naming_the_existing_job(store: JobS
     assert store.submit("ok-a").id != first.id, "once the job ended the adapter can be retrained again"
 
 
-def test_concurrent_submits_for_one_adapter_admit_exactly_one(store: JobStore) -> None:
-    outcomes: list[str] = []
+def test_a_manual_request_waits_behind_the_running_job_and_takes_over_a_queued_policy_job(store: JobStore) -> None:
+    policy = store.submit("ok-a", "drift", "drift flagged, 50 labels")
+    taken = store.submit("ok-a", "manual", "POST /retrain")  # the policy's job had not started: it becomes this one
+    assert (taken.id, taken.trigger, taken.reason, taken.state) == (policy.id, "manual", "POST /retrain", "queued")
+    assert "superseded by a manual request (POST /retrain); was drift: drift flagged, 50 labels" in taken.log
+    assert "took over the queued drift job" in taken.message and len(store.list()) == 1
 
-    def submit() -> None:
-        try:
-            outcomes.append(store.submit("ok-a").id)
-        except DuplicateJobError as e:
-            outcomes.append(f"dup:{e.existing_id}")
+    running = store.claim_next(os.getpid(), runner_id="r1")
+    assert running is not None and running.id == policy.id
+    with pytest.raises(DuplicateJobError, match=f"running retrain job {running.id}"):
+        store.submit("ok-a", "drift", "drift again")  # the policy never stacks a job behind one that runs
+    behind = store.submit("ok-a", "manual", "all 400 labels")
+    assert behind.state == "queued" and behind.message == f"queued behind running job {running.id}"
+    other = store.submit("rej-b")
+    # a runner skips the job waiting behind its adapter's running one, not the other adapters'
+    assert store.claim_next(os.getpid(), runner_id="r2").id == other.id
+    assert store.claim_next(os.getpid(), runner_id="r3") is None
+    store.finish(running.id, "succeeded", result={"status": "promoted"})
+    after = store.claim_next(os.getpid(), runner_id="r2")
+    assert after is not None and after.id == behind.id and after.state == "running"
 
-    threads = [threading.Thread(target=submit) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    [winner] = [o for o in outcomes if not o.startswith("dup:")]
-    assert sorted(outcomes) == sorted([winner] + [f"dup:{winner}"] * 7)
 
-
-def test_the_database_itself_allows_one_active_job_per_adapter(store: JobStore) -> None:
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_the_database_itself_allows_one_queued_and_one_running_job_per_adapter(store: JobStore, state: str) -> None:
     store.submit("ok-a")
+    store.claim_next(os.getpid())
+    store.submit("ok-a")  # one running, one queued behind it
     unique = (r"UNIQUE constraint failed: jobs\.adapter" if store.database.is_sqlite
-              else 'duplicate key value violates unique constraint "ix_jobs_one_active_per_adapter"')
+              else f'duplicate key value violates unique constraint "ix_jobs_one_{state}_per_adapter"')
     with pytest.raises(IntegrityError, match=unique), store.database.write() as conn:
-        conn.execute(insert(jobs).values(id="x", seq=99, adapter="ok-a", trigger="manual", reason="", state="queued",
+        conn.execute(insert(jobs).values(id="x", seq=99, adapter="ok-a", trigger="manual", reason="", state=state,
                                          progress=0, message="", created_at=0, log=""))
 
 

@@ -1,5 +1,6 @@
-"""`adaptserve retrain --wait` (issue 12): it follows the adapter's job already queued or running instead of
-exiting 2, and a job that ends prints the gate's reason (a rejection's numbers).
+"""`adaptserve retrain --wait` (issue 12): it follows the adapter's manual job already queued instead of exiting 2
+(behind a running job it queues its own, issue 15), and a job that ends prints the gate's reason (a rejection's
+numbers).
 
 The job is driven by hand through the JobStore from a thread (claim, then finish), the way a runner would: what is
 tested is what the command reads and prints, not the runner (tests/test_jobs.py runs the real one).
@@ -87,23 +88,24 @@ def _running_job(home: Path) -> Job:
     return job
 
 
-def test_wait_follows_the_job_already_running_for_the_adapter(
-    home: Path, runner_thread: Callable[..., None]
-) -> None:
-    job = _running_job(home)
+def test_wait_follows_the_manual_job_already_queued(home: Path, runner_thread: Callable[..., None]) -> None:
+    job = JobStore(home).submit("ok-a", "manual", "by hand")
     runner_thread("succeeded", {"status": "promoted", "reason": "promoted v2: target holdout 95.0%"}, claim=False)
     code, out = cli("retrain", "--adapter", "ok-a", "--wait", "--poll", "0.05")
     assert code == 0, out
-    assert out.startswith(f"ok-a already has a running retrain job {job.id}: following it")
+    assert out.startswith(f"ok-a already has a queued retrain job {job.id}: following it")
     assert f"job {job.id} succeeded: challenger promoted promoted v2: target holdout 95.0%" in out
     assert [j.id for j in JobStore(home).list()] == [job.id], "no second job"
-    assert "no job runner is running" not in out, "a running job has a runner"
 
 
-def test_without_wait_a_running_job_is_still_refused(home: Path) -> None:
-    job = _running_job(home)
+def test_a_manual_retrain_while_the_policys_job_runs_is_queued_behind_it(home: Path) -> None:
+    running = _running_job(home)
     code, out = cli("retrain", "--adapter", "ok-a")
-    assert code == 2 and out.startswith(f"error: adapter 'ok-a' already has a running retrain job {job.id}"), out
+    assert code == 0, out
+    queued = JobStore(home).list(state="queued")[0]
+    assert f"queued retrain job {queued.id} for ok-a: queued behind running job {running.id}" in out
+    code, out = cli("retrain", "--adapter", "ok-a")  # a second manual request: the queued one will do
+    assert code == 2 and out.startswith(f"error: adapter 'ok-a' already has a queued retrain job {queued.id}"), out
 
 
 def test_a_rejected_job_prints_the_gates_reason(home: Path, runner_thread: Callable[..., None]) -> None:

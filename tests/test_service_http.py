@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -291,6 +292,23 @@ def test_retrain_jobs_and_schedules_routes(client: TestClient) -> None:
     assert client.delete(f"/schedules/{sid}", headers=AUTH).status_code == 200
     assert client.get("/schedules").json()["schedules"] == []
     assert client.delete(f"/schedules/{sid}", headers=AUTH).status_code == 404
+
+
+def test_a_manual_retrain_while_the_policys_job_runs_is_queued_behind_it(client: TestClient,
+                                                                        service_home: Path) -> None:
+    from pipelines.jobs import JobStore
+
+    store = JobStore(service_home)
+    policy = store.submit("site-a", "drift", "drift flagged, 50 labels")
+    taken = client.post("/retrain", json={"adapter": "site-a"}, headers=AUTH)
+    assert taken.status_code == 202 and taken.json()["job"]["id"] == policy.id, "not started: taken over"
+    assert taken.json()["job"]["trigger"] == "manual"
+    running = store.claim_next(os.getpid())
+    r = client.post("/retrain", json={"adapter": "site-a"}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    behind = r.json()["job"]
+    assert behind["state"] == "queued" and behind["message"] == f"queued behind running job {running.id}"
+    assert {j["state"] for j in client.get("/jobs").json()["jobs"]} == {"queued", "running"}
 
 
 def test_drift_check_report_and_dashboard(client: TestClient) -> None:
