@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import typer
 
+from benchmarks.estimate import ALL_SEVERITIES, estimate_errors
+from benchmarks.estimate import markdown as estimate_markdown
 from benchmarks.machine import cpu_model, usable_cores
 from benchmarks.output import write_record
 from models.artifacts import load_model
@@ -66,7 +68,8 @@ from service.engine import OnnxEngine
 
 DEFAULT_SHIFTS = ("gaussian_noise", "defocus_blur", "contrast", "rotation", "brightness", "invert")
 QUICK_SHIFTS = ("gaussian_noise",)
-TARGETS = {"false_alarm_rate": 0.01, "detection_delay_severity_3": 200, "check_ms": 100.0, "capture_overhead": 0.10}
+TARGETS = {"false_alarm_rate": 0.01, "detection_delay_severity_3": 200, "check_ms": 100.0, "capture_overhead": 0.10,
+           "estimated_acc_mae": 0.03}
 
 
 READING_NOTES = [
@@ -284,7 +287,8 @@ def run(
 ) -> dict[str, Any]:
     model_dir = _source_model(model, work)
     traffic = Traffic(model_dir, work)
-    reference = ReferenceSet.load(base_reference(model_dir, work / "home"))
+    reference_path = base_reference(model_dir, work / "home")
+    reference = ReferenceSet.load(reference_path)
     test = digits_splits(traffic.meta.preprocessing.crop_size, seed=0).test  # pretrain's split
     if len(test) < window + every:
         raise ValueError(f"the held-out pool has {len(test)} images; use --window below {len(test) - every}.")
@@ -315,6 +319,8 @@ def run(
             _log(f"{name}@{severity}: delays {runs}")
     out.update(detection_delay=delays, detection_delay_trials=per_trial, detected_by=moved,
                detection_delay_embedding_only=embedding_only or None)
+    out.update(estimate_errors(traffic, reference_path, shifts, severities if quick else ALL_SEVERITIES, seed))
+    _log(f"estimated accuracy: MAE {out['estimated_acc_mae']} over {out.get('estimated_acc_cases')} cases")
     with one_blas_thread():  # how DriftMonitor runs a check
         out["check_ms"] = time_check(1000, 512, repeats=3 if quick else 9)
         out["check_ms_drifted"] = None if quick else time_check(1000, 512, repeats=9, drifted=True)
@@ -338,6 +344,8 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool]:
             d is not None and d <= TARGETS["detection_delay_severity_3"] for d in sev3),
         "check_ms < 100": result["check_ms"] < TARGETS["check_ms"],
         "capture_overhead <= 0.10": result["capture_overhead"] <= TARGETS["capture_overhead"],
+        "estimated_acc_mae <= 0.03": result.get("estimated_acc_mae") is not None
+        and result["estimated_acc_mae"] <= TARGETS["estimated_acc_mae"],
     }
 
 
@@ -385,6 +393,7 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
                   "|---|" + "---:|" * len(severities)]
         for name, by_severity in result["detection_delay_embedding_only"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(by_severity.get(s)) for s in severities) + " |")
+    lines += estimate_markdown(result)
     lines += ["", "## Targets", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in result["verdicts"].items()]
     lines += ["", "## Reading it", "", *READING_NOTES]

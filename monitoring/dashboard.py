@@ -134,6 +134,7 @@ class AdapterData(TypedDict, total=False):
     min_window: int  # records a check needs (DriftConfig.min_window); "min_records" is read as an alias
     error: str  # gathering this adapter's data failed: the page says so in its section
     status: CheckStatus | None
+    measured_accuracy: dict[str, Any] | None  # {"accuracy", "labels", "version"}: labels of served predictions
     history: list[CheckPoint]
     confidence_hist: Histogram
     class_counts: dict[str, int]

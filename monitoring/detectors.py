@@ -209,12 +209,14 @@ class ReferenceSet:
     def __len__(self) -> int:
         return len(self.embeddings)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], extra: dict[str, np.ndarray] | None = None) -> None:
         """Write one uncompressed .npz at exactly `path`, atomically (models.files.write_atomic: a reader sees the
-        old file or the new one, never a mix; concurrent writers each use their own temporary file)."""
+        old file or the new one, never a mix; concurrent writers each use their own temporary file). `extra`:
+        more numeric arrays stored beside the set (the accuracy estimator's); load() ignores them."""
         buffer = io.BytesIO()  # a file object stops np.savez from appending ".npz"
         np.savez(buffer, embeddings=self.embeddings, stats=self.stats, confidence=self.confidence,
-                 entropy=self.entropy, classes=self.classes, stat_names=np.array(self.stat_names, dtype=str))
+                 entropy=self.entropy, classes=self.classes, stat_names=np.array(self.stat_names, dtype=str),
+                 **(extra or {}))
         write_atomic(path, buffer.getvalue())
 
     @classmethod

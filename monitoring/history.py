@@ -25,7 +25,7 @@ LEGACY_FILE = "monitor.db"  # where a home kept its checks before the state data
 _T = drift_checks
 _FIELDS = ("adapter", "version", "checked_at", "drift", "score", "threshold", "p_value", "window_size", "features",
            "report", "mean_confidence")
-_COLUMNS = tuple(_T.c[name] for name in _FIELDS)
+_COLUMNS = (*(_T.c[name] for name in _FIELDS), _T.c.estimate)  # estimate: not in a legacy monitor.db
 
 
 def iso_utc(epoch: float) -> str:
@@ -34,12 +34,15 @@ def iso_utc(epoch: float) -> str:
 
 
 def _row_to_result(row: Sequence[Any]) -> dict[str, Any]:
-    adapter, version, checked_at, drift, score, threshold, p_value, window_size, features, report, mean_conf = row
+    adapter, version, checked_at, drift, score, threshold, p_value, window_size, features, report, mean_conf, est = row
+    estimate = None if est is None else json.loads(est)
     return {
         "adapter": adapter, "version": int(version), "drift": bool(drift), "score": float(score),
         "threshold": float(threshold), "p_value": float(p_value), "window_size": int(window_size),
         "checked_at": iso_utc(checked_at), "features": json.loads(features), "report": report,
         "mean_confidence": None if mean_conf is None else float(mean_conf),
+        "estimated_accuracy": None if estimate is None else estimate["estimated_accuracy"],
+        "accuracy_estimate": estimate,
     }
 
 
@@ -96,7 +99,10 @@ class DriftHistory:
                   int(result["window_size"]), json.dumps(result["features"]), result.get("report"),
                   result.get("mean_confidence"))
         with self._write() as conn:
-            check_id = conn.execute(insert(_T).values(dict(zip(_FIELDS, values, strict=True)))
+            estimate = result.get("accuracy_estimate")
+            row = dict(zip(_FIELDS, values, strict=True)) | {"estimate": None if estimate is None else
+                                                             json.dumps(estimate, sort_keys=True)}
+            check_id = conn.execute(insert(_T).values(row)
                                     .returning(_T.c.id)).scalar_one()
             count = conn.execute(select(func.count()).where(_T.c.adapter == result["adapter"])).scalar_one()
         return int(check_id), int(count)

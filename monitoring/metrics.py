@@ -27,19 +27,29 @@ MEAN_CONFIDENCE = Gauge(
     ["adapter"],
     multiprocess_mode="mostrecent",
 )
+ESTIMATED_ACCURACY = Gauge(
+    "adaptserve_estimated_accuracy",
+    "Accuracy estimated without labels over the window of the latest drift check (monitoring/accuracy.py)",
+    ["adapter"],
+    multiprocess_mode="mostrecent",
+)
 CAPTURE_DROPPED = Counter(
     "adaptserve_capture_dropped", "Predictions not recorded for drift monitoring because the capture queue was full"
 )
 
 
-def set_latest(adapter: str, drift: bool, score: float, mean_confidence: float | None) -> None:
+def set_latest(adapter: str, drift: bool, score: float, mean_confidence: float | None,
+               estimated_accuracy: float | None = None) -> None:
     """The gauges of the adapter's latest check (also restored from the history when a worker starts)."""
     DRIFT_SCORE.labels(adapter=adapter).set(score)
     DRIFT_FLAG.labels(adapter=adapter).set(1 if drift else 0)
     if mean_confidence is not None:
         MEAN_CONFIDENCE.labels(adapter=adapter).set(mean_confidence)
+    if estimated_accuracy is not None:
+        ESTIMATED_ACCURACY.labels(adapter=adapter).set(estimated_accuracy)
 
 
-def observe_check(adapter: str, drift: bool, score: float, mean_confidence: float) -> None:
-    set_latest(adapter, drift, score, mean_confidence)
+def observe_check(adapter: str, drift: bool, score: float, mean_confidence: float,
+                  estimated_accuracy: float | None = None) -> None:
+    set_latest(adapter, drift, score, mean_confidence, estimated_accuracy)
     DRIFT_CHECKS.labels(adapter=adapter, result="drift" if drift else "ok").inc()

@@ -41,6 +41,7 @@ from models.artifact_store import ArtifactError, from_settings
 from models.background import BackgroundWorker
 from models.files import file_sha256
 from models.registry import NAME_PATTERN, CorruptAdapterError
+from monitoring.accuracy import AccuracyEstimator, read_estimator
 from monitoring.blas import one_blas_thread
 from monitoring.capture import AsyncCapture, CaptureStore, keep_sample, make_records
 from monitoring.config import MonitorConfig
@@ -60,7 +61,7 @@ _MAX_DETECTORS = 64  # cached (adapter, version) detectors; each holds its refer
 _REPORT_QUEUE = 4  # reports waiting for the reporter thread; more are skipped (logged), never queued without bound
 _DRAIN = 256  # queued batches the capture thread turns into records at once
 RESULT_KEYS = ("adapter", "version", "drift", "score", "threshold", "p_value", "window_size", "checked_at",
-               "features", "report", "mean_confidence")
+               "features", "report", "mean_confidence", "estimated_accuracy", "accuracy_estimate")
 
 
 @dataclass
@@ -108,6 +109,7 @@ class DriftMonitor:
         self.dropped = 0  # predictions dropped because the capture queue was full
         self.failed = 0  # predictions whose records could not be built (logged)
         self._detectors: OrderedDict[Key, DriftDetector] = OrderedDict()
+        self._estimators: dict[Key, AccuracyEstimator | None] = {}  # beside each cached detector
         self._detector_lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._reporter: BackgroundWorker[tuple[int, Key, ReferenceSet]] | None = None
@@ -261,7 +263,9 @@ class DriftMonitor:
         with self._detector_lock:
             detector = self._detectors.get(key)
             if detector is None:
-                reference = ReferenceSet.load(self._reference_path(key))
+                path = self._reference_path(key)
+                reference = ReferenceSet.load(path)
+                self._estimators[key] = read_estimator(path)
                 try:
                     with one_blas_thread():
                         detector = DriftDetector(reference, self.cfg.detector_config())
@@ -269,7 +273,7 @@ class DriftMonitor:
                     raise NoReferenceError(f"{key[0]} v{key[1]}: {err}") from None
                 self._detectors[key] = detector
                 while len(self._detectors) > _MAX_DETECTORS:
-                    self._detectors.popitem(last=False)
+                    self._estimators.pop(self._detectors.popitem(last=False)[0], None)
             self._detectors.move_to_end(key)
             return detector
 
@@ -292,9 +296,14 @@ class DriftMonitor:
             result = detector.check(window).to_dict()
         checked_at = time.time()
         result.update(adapter=adapter, version=key[1], checked_at=iso_utc(checked_at), report=None,
-                      mean_confidence=float(window.confidence.mean()))
+                      mean_confidence=float(window.confidence.mean()), estimated_accuracy=None, accuracy_estimate=None)
+        estimator = self._estimators.get(key)
+        if estimator is not None:  # monitoring/accuracy.py; None for a version registered without a holdout
+            estimate = estimator.estimate(window.confidence, window.classes)
+            result.update(estimated_accuracy=estimate["estimated_accuracy"], accuracy_estimate=estimate)
         check_id, n_checks = self.checks.add(result, checked_at)
-        self._metrics.observe_check(adapter, result["drift"], result["score"], result["mean_confidence"])
+        self._metrics.observe_check(adapter, result["drift"], result["score"], result["mean_confidence"],
+                                    result["estimated_accuracy"])
         every = self.cfg.report_every
         if write_report:
             result["report"] = self._write_report(check_id, key, window)
@@ -417,7 +426,8 @@ class DriftMonitor:
         for adapter in self.checks.adapters():
             latest = self.checks.latest(adapter)
             if latest is not None:
-                self._metrics.set_latest(adapter, latest["drift"], latest["score"], latest["mean_confidence"])
+                self._metrics.set_latest(adapter, latest["drift"], latest["score"], latest["mean_confidence"],
+                                         latest.get("estimated_accuracy"))
         with self._start_lock:
             if self.cfg.interval_s <= 0 or self._scheduler is not None or self._closed:
                 return self

@@ -15,16 +15,32 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import settings
 from models.artifacts import load_model
 from models.export import merged_classifier, softmax
 from models.metadata import ModelMeta
 from models.preprocessing import Preprocessing
 from models.samples import find_samples, load_samples
+from monitoring.accuracy import AccuracyEstimator, calibration_images, fit
 from monitoring.capture import reference_from_arrays
 from monitoring.detectors import REFERENCE_FILE, ReferenceSet
 from monitoring.image_stats import batch_image_stats
 
 log = logging.getLogger(__name__)
+
+
+def _forward(merged: torch.nn.Module, images: Sequence[Image.Image], preprocessing: Preprocessing,
+             batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax probabilities, embeddings) of `images` through a merged model, as its ONNX file computes them."""
+    transform = preprocessing.eval_transform()
+    logits, embeddings = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = torch.stack([transform(im) for im in images[start : start + batch_size]])
+            lg, emb = merged.forward_with_embedding(x)
+            logits.append(lg.float().numpy())
+            embeddings.append(emb.float().numpy())
+    return softmax(np.concatenate(logits)), np.concatenate(embeddings)
 
 
 def compute_reference(
@@ -36,22 +52,28 @@ def compute_reference(
 
     About a second for 360 images at 32x32 (resnet18) on two shared cores.
     """
+    probs, embeddings = _forward(merged_classifier(model), images, preprocessing, batch_size)
+    return reference_from_arrays(embeddings, batch_image_stats(images), probs)
+
+
+def calibrate(model: torch.nn.Module, images: Sequence[Image.Image], labels: Sequence[int], n_classes: int,
+              preprocessing: Preprocessing, per_set: int = 100) -> AccuracyEstimator:
+    """The version's accuracy estimator (monitoring/accuracy.py), fitted on its labelled holdout, clean and under
+    generic corruptions: 36 sets, the model run once over each (about 3,900 images at the defaults)."""
     merged = merged_classifier(model)
-    transform = preprocessing.eval_transform()
-    logits, embeddings = [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = torch.stack([transform(im) for im in images[start : start + batch_size]])
-            lg, emb = merged.forward_with_embedding(x)
-            logits.append(lg.float().numpy())
-            embeddings.append(emb.float().numpy())
-    return reference_from_arrays(np.concatenate(embeddings), batch_image_stats(images),
-                                 softmax(np.concatenate(logits)))
+    sets = []
+    for batch, truth in calibration_images(images, labels, per_set):
+        probs, _ = _forward(merged, batch, preprocessing)
+        predicted = probs.argmax(axis=1)
+        sets.append((probs.max(axis=1), predicted, (predicted == truth).astype(np.float64)))
+    prior = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    return fit(sets, prior)
 
 
 def write_reference(model: torch.nn.Module, sample_dirs: Sequence[Path], preprocessing: Preprocessing,
                     out: Path) -> Path | None:
-    """Compute the reference from the first `samples/reference.npz` among sample_dirs and save it at `out`.
+    """Compute the reference from the first `samples/reference.npz` among sample_dirs and save it at `out`, with
+    the accuracy estimator calibrated on the first `samples/holdout.npz` (none without one).
 
     Returns None (and logs why) when no directory has reference samples: the version then serves without drift
     checks, which answer with a message saying how to add a reference.
@@ -61,8 +83,18 @@ def write_reference(model: torch.nn.Module, sample_dirs: Sequence[Path], preproc
         log.warning("no samples/reference.npz in %s: %s gets no drift reference",
                     " or ".join(str(d) for d in sample_dirs), out.parent)
         return None
-    images, _, _ = load_samples(source)
-    compute_reference(model, images, preprocessing).save(out)  # atomic; racing processes use their own temp files
+    images, _, classes = load_samples(source)
+    reference = compute_reference(model, images, preprocessing)
+    holdout = find_samples("holdout", *sample_dirs)
+    per_set = settings.load().accuracy_calibration_images
+    extra = {}
+    if holdout is not None and per_set > 0:
+        held, labels, held_classes = load_samples(holdout)
+        extra = calibrate(model, held, labels, len(held_classes), preprocessing, per_set).arrays()
+    elif per_set > 0:
+        log.warning("no samples/holdout.npz in %s: %s gets no accuracy estimate",
+                    " or ".join(str(d) for d in sample_dirs), out.parent)
+    reference.save(out, extra=extra)  # atomic; racing processes use their own temp files
     return out
 
 

@@ -64,6 +64,8 @@ drift_checks = Table(
     Column("mean_confidence", Float, nullable=True),
     # the report's object in the artifact store (sha256): any replica fetches it from there (0007_report_objects)
     Column("report_sha256", String(64), nullable=True),
+    # the accuracy estimated without labels and what it came from, JSON (monitoring/accuracy.py; 0010_drift_estimate)
+    Column("estimate", Text, nullable=True),
 )
 Index("ix_drift_checks_adapter_id", drift_checks.c.adapter, drift_checks.c.id)
 

@@ -380,13 +380,18 @@ class AdaptServe:
 
     @api.get("/drift")
     def drift(self, adapter: AdapterQuery, authorization: Authorization = None) -> Any:
-        """The latest drift check of `adapter` (run on a schedule inside the service, or by POST /drift/check)."""
+        """The latest drift check of `adapter` (run on a schedule inside the service, or by POST /drift/check), with
+        the accuracy estimated without labels for its window and the accuracy the labels measure for its version."""
+        from service.label_requests import measured_accuracy  # the input cache decodes with torch: worker only
+
         self._require(authorization, "client", "reading drift")
         result = self._monitor().latest(adapter)
         if result is None:
             raise errors.NotFoundError(
                 f"no drift check has run for adapter {adapter!r} yet; POST /drift/check runs one"
             )
+        if adapter != BASE[0]:
+            result["measured_accuracy"] = measured_accuracy(self.labels.database, adapter, result["version"])
         return result
 
     @api.post("/drift/check")

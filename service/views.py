@@ -56,6 +56,8 @@ def _events(svc, name: str, history: list[dict]) -> list[dict]:
 
 
 def _adapter(svc, info) -> dict:
+    from service.label_requests import measured_accuracy  # the input cache decodes with torch: worker only
+
     monitor = svc.rt.monitor
     history = monitor.history(info.name, limit=500) if monitor else []  # bounded: the page draws every point
     summary = monitor.summary(info.name) if monitor else {}
@@ -66,6 +68,7 @@ def _adapter(svc, info) -> dict:
         "champion": info.champion,
         "serving_version": svc.rt.champions.get(info.name),
         "status": latest,
+        "measured_accuracy": measured_accuracy(svc.labels.database, info.name, latest["version"]) if latest else None,
         "history": [
             {k: c.get(k) for k in ("checked_at", "version", "score", "threshold", "drift")} for c in history
         ],

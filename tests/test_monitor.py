@@ -33,7 +33,7 @@ from monitoring.image_stats import batch_image_stats
 from monitoring.monitor import DriftMonitor
 
 RESULT_KEYS = {"adapter", "version", "drift", "score", "threshold", "p_value", "window_size", "checked_at", "features",
-               "report", "mean_confidence"}
+               "report", "mean_confidence", "estimated_accuracy", "accuracy_estimate"}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,11 @@ def test_clean_traffic_passes_noisy_traffic_alarms(service_home: Path, source_mo
         noisy = monitor.check("site-a")
         assert noisy["drift"] is True and noisy["score"] >= noisy["threshold"]
         assert noisy["features"]["embedding"]["moved"] is True
-        assert monitor.latest("site-a") == noisy
+        assert monitor.latest("site-a") == noisy  # the estimate too: stored with the check
+        estimate = noisy["accuracy_estimate"]
+        assert noisy["estimated_accuracy"] == estimate["estimated_accuracy"] <= estimate["class_bound"]
+        assert 0.0 <= noisy["estimated_accuracy"] <= 1.0 and estimate["calibration_sets"] == 36
+        assert estimate["mean_confidence"] == pytest.approx(noisy["mean_confidence"], abs=1e-4)
         assert [c["drift"] for c in monitor.history("site-a")] == [False, True]
 
 
@@ -191,6 +195,8 @@ def test_gauges_follow_the_latest_check(service_home: Path, source_model: Path, 
     assert _sample("adaptserve_drift_flag", {"adapter": "site-a"}) == 1.0
     assert _sample("adaptserve_drift_score", {"adapter": "site-a"}) == pytest.approx(result["score"])
     assert _sample("adaptserve_mean_confidence", {"adapter": "site-a"}) == pytest.approx(result["mean_confidence"])
+    assert _sample("adaptserve_estimated_accuracy", {"adapter": "site-a"}) == pytest.approx(
+        result["estimated_accuracy"])
     assert _sample("adaptserve_drift_checks_total", labels) == before + 1
 
 
@@ -498,3 +504,8 @@ def test_bench_quick_run_prints_the_json_line_and_writes_results(source_model: P
     assert line["command"] == f"adaptserve bench drift --model {source_model} --out {tmp_path} --quick"
     assert json.loads((tmp_path / "drift.json").read_text())["check_ms"] == line["check_ms"]
     assert f"| gaussian_noise | {delay} |" in (tmp_path / "drift.md").read_text()
+    # the estimate against the truth: clean and gaussian_noise@3 of the validation split, each with its numbers
+    assert line["estimated_acc_cases"] == 2 and 0.0 <= line["estimated_acc_mae"] <= 1.0
+    case = line["estimated_accuracy"]["gaussian_noise"]["3"]
+    assert abs(case["estimated"] - case["true"]) <= line["estimated_acc_max_error"] + 1e-9
+    assert "## Estimated accuracy (no labels)" in (tmp_path / "drift.md").read_text()

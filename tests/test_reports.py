@@ -152,7 +152,8 @@ def test_rejects_mismatched_embeddings(tmp_path: Path) -> None:
 
 GRAFANA_METRICS = (
     "adaptserve_drift_score", "adaptserve_drift_flag", "adaptserve_drift_checks_total", "adaptserve_predictions_total",
-    "adaptserve_mean_confidence", "adaptserve_request_latency_seconds_bucket", "adaptserve_requests_total",
+    "adaptserve_mean_confidence", "adaptserve_estimated_accuracy", "adaptserve_request_latency_seconds_bucket",
+    "adaptserve_requests_total",
     "adaptserve_champion_version", "adaptserve_swaps_total", "adaptserve_retrain_jobs_total",
 )
 

@@ -326,7 +326,22 @@ def test_drift_check_report_and_dashboard(client: TestClient) -> None:
     result = r.json()
     assert result["adapter"] == "site-a" and result["version"] == 1 and result["window_size"] >= 20
     assert {"embedding", "confidence", "predicted_class"} <= set(result["features"])
-    assert client.get("/drift", params={"adapter": "site-a"}).json()["checked_at"] == result["checked_at"]
+    latest = client.get("/drift", params={"adapter": "site-a"}).json()
+    assert latest["checked_at"] == result["checked_at"]
+    assert 0.0 <= latest["estimated_accuracy"] <= latest["accuracy_estimate"]["class_bound"] <= 1.0
+    assert latest["measured_accuracy"] == {"accuracy": None, "labels": 0, "version": 1}
+    # beside the estimate, what labels of served predictions measure: 3 of these 4 labels agree with the prediction
+    served = client.post("/predict", json={"images": [_png(im) for im in digits_splits(32).val.images[:4]],
+                                           "adapter": "site-a"}).json()["predictions"]
+    for i, p in enumerate(served):
+        label = p["label"] if i < 3 else str((int(p["label"]) + 1) % 10)
+        assert client.post("/feedback", json={"id": p["id"], "label": label}, headers=AUTH).status_code == 201
+
+    def measured():
+        m = client.get("/drift", params={"adapter": "site-a"}).json()["measured_accuracy"]
+        return m if m["labels"] == 4 else None  # the captures are written off the request path
+
+    assert _eventually(measured) == {"accuracy": 0.75, "labels": 4, "version": 1}
     assert client.get("/drift", params={"adapter": "nope"}).status_code == 404
     assert client.get("/drift/report", params={"adapter": "site-a"}).status_code == 404  # REPORT_EVERY=0
 
@@ -336,6 +351,7 @@ def test_drift_check_report_and_dashboard(client: TestClient) -> None:
     data = client.get("/dashboard/data").json()
     site_a = next(a for a in data["adapters"] if a["name"] == "site-a")
     assert len(site_a["history"]) == 1 and site_a["status"]["checked_at"] == result["checked_at"]
+    assert site_a["measured_accuracy"]["labels"] == 4 and site_a["status"]["estimated_accuracy"] is not None
     assert sum(site_a["class_counts"].values()) == site_a["records"] >= 20
     assert client.get("/dashboard", params={"refresh_s": -1}).status_code == 400
 

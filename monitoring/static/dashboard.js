@@ -376,7 +376,16 @@ function statGrid(a) {
     stat("records now", isNum(a.records) ? (isNum(minWindow(a)) ? `${a.records} (min ${minWindow(a)})` : a.records)
       : "\u2014"),
     stat("last check", when(st.checked_at)),
+    stat("est. accuracy", accuracyText(a)),
   ]);
+}
+
+// the accuracy estimated without labels for the last check's window, and what labels measured for its version
+function accuracyText(a) {
+  const st = a.status || {}, m = a.measured_accuracy || {};
+  const pct = (x) => (100 * x).toFixed(1) + "%";
+  const est = isNum(st.estimated_accuracy) ? pct(st.estimated_accuracy) : "\u2014";
+  return isNum(m.accuracy) ? `${est} (labels: ${pct(m.accuracy)} of ${m.labels})` : est;
 }
 
 function section(a, i) {
@@ -401,15 +410,15 @@ function overview(adapters) {
     const row = h("tr", {"data-index": i, "data-adapter": nameOf(a)}, [
       h("td", null, h("a", {href: "#adapter=" + encodeURIComponent(nameOf(a))}, nameOf(a))), h("td", null, badge(a)),
       h("td", {class: "num"}, fmt(st.score) + " / " + fmt(st.threshold)), h("td", null, version(a.serving_version)),
-      h("td", null, version(a.champion)), h("td", null, when(st.checked_at)),
+      h("td", null, version(a.champion)), h("td", {class: "num"}, accuracyText(a)), h("td", null, when(st.checked_at)),
     ]);
     row.addEventListener("click", () => { location.hash = "adapter=" + encodeURIComponent(nameOf(a)); });
     return row;
   });
   const drifting = adapters.filter((a) => stateOf(a) === "drift").length;
   return card(`Adapters (${adapters.length}, ${drifting} drifting)`, h("table", {id: "overview"}, [
-    h("thead", null, h("tr", null, ["adapter", "status", "score / threshold", "serving", "champion", "last check"]
-      .map((x, k) => h("th", {class: k === 2 ? "num" : null}, x)))),
+    h("thead", null, h("tr", null, ["adapter", "status", "score / threshold", "serving", "champion", "est. accuracy",
+      "last check"].map((x, k) => h("th", {class: k === 2 || k === 5 ? "num" : null}, x)))),
     h("tbody", null, rows)]));
 }
 
