@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     retrain_min_labels: int = _knob(50, "new labels since the last retrain a drift-started job needs", "retrain",
                                     ge=0)
     retrain_cooldown_s: float = _knob(600.0, "seconds between two drift-started jobs of one adapter", "retrain", ge=0)
+    retrain_min_drop: float = _knob(
+        5.0, "points of accuracy below the version's holdout (measured from 20+ labels, else estimated without "
+        "labels) that start a job; a drift that costs less starts none (0 = the drift flag alone decides)",
+        "retrain", ge=0, le=100)
     retrain_min_train_labels: int = _knob(50, "fewest training-split labels a job accepts", "retrain", ge=2)
     retrain_min_holdout_labels: int = _knob(20, "fewest gate-holdout labels a job accepts", "retrain", ge=1)
     retrain_margin: float = _knob(1.0, "points of target-holdout accuracy a challenger must gain over the champion",

@@ -82,27 +82,33 @@ class AccuracyEstimator:
     prior: np.ndarray  # the holdout's label distribution (n_classes,)
     fit_mae: float  # mean absolute error on the calibration sets themselves
     sets: int  # how many calibration sets it was fitted on
+    holdout_accuracy: float | None = None  # on the clean holdout: the baseline a drop is measured from
 
     def estimate(self, confidence: np.ndarray, classes: np.ndarray) -> dict[str, float | int | str]:
         """The estimate for one window: `estimated_accuracy` with the two signals it came from."""
         conf = float(np.mean(confidence)) if len(confidence) else float("nan")
         bound = class_bound(classes, self.prior)
         value = float(np.clip(self.coef[0] + self.coef[1] * conf + self.coef[2] * bound, 0.0, 1.0))
-        return {"estimated_accuracy": round(min(value, bound), 4), "mean_confidence": round(conf, 4),
-                "class_bound": round(bound, 4), "method": METHOD, "calibration_sets": self.sets,
-                "calibration_mae": round(self.fit_mae, 4)}
+        estimated = round(min(value, bound), 4)
+        holdout = None if self.holdout_accuracy is None else round(self.holdout_accuracy, 4)
+        return {"estimated_accuracy": estimated, "mean_confidence": round(conf, 4), "class_bound": round(bound, 4),
+                "holdout_accuracy": holdout,
+                "drop_points": None if holdout is None else round(100 * (holdout - estimated), 2),
+                "method": METHOD, "calibration_sets": self.sets, "calibration_mae": round(self.fit_mae, 4)}
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"accuracy_coef": self.coef, "accuracy_prior": self.prior,
-                "accuracy_fit": np.array([self.fit_mae, self.sets], dtype=np.float64)}
+                "accuracy_fit": np.array([self.fit_mae, self.sets, np.nan if self.holdout_accuracy is None
+                                          else self.holdout_accuracy], dtype=np.float64)}
 
     @classmethod
     def from_arrays(cls, data: dict[str, np.ndarray]) -> AccuracyEstimator | None:
         if not all(k in data for k in _KEYS):
             return None
         fit = np.asarray(data["accuracy_fit"], dtype=np.float64)
+        holdout = float(fit[2]) if len(fit) > 2 and np.isfinite(fit[2]) else None
         return cls(np.asarray(data["accuracy_coef"], dtype=np.float64),
-                   np.asarray(data["accuracy_prior"], dtype=np.float64), float(fit[0]), int(fit[1]))
+                   np.asarray(data["accuracy_prior"], dtype=np.float64), float(fit[0]), int(fit[1]), holdout)
 
 
 def read_estimator(path: str | os.PathLike[str]) -> AccuracyEstimator | None:
@@ -113,7 +119,8 @@ def read_estimator(path: str | os.PathLike[str]) -> AccuracyEstimator | None:
 
 
 def fit(sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], prior: np.ndarray) -> AccuracyEstimator:
-    """Least squares over calibration sets, each (confidence, predicted classes, correct) of one labelled set."""
+    """Least squares over calibration sets, each (confidence, predicted classes, correct) of one labelled set; the
+    first is the clean holdout, whose accuracy is the baseline a drop is measured from."""
     prior = np.asarray(prior, dtype=np.float64)
     prior = prior / prior.sum()
     rows = np.array([[1.0, float(np.mean(c)), class_bound(k, prior)] for c, k, _ in sets])
@@ -122,7 +129,7 @@ def fit(sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], prior: np.nda
     estimator = AccuracyEstimator(coef, prior, 0.0, len(sets))
     errors = [abs(float(estimator.estimate(c, k)["estimated_accuracy"]) - t)
               for (c, k, _), t in zip(sets, target, strict=True)]
-    return AccuracyEstimator(coef, prior, float(np.mean(errors)), len(sets))
+    return AccuracyEstimator(coef, prior, float(np.mean(errors)), len(sets), float(target[0]))
 
 
 def calibration_images(

@@ -42,6 +42,7 @@ from sqlalchemy import (
 
 from models.db import Database, metadata, redact
 from models.legacy import IMPORTED_SUFFIX, open_legacy, retire
+from monitoring.tables import capture_records
 from pipelines.label_trust import Trust
 
 log = logging.getLogger("adaptserve.labels")
@@ -217,3 +218,14 @@ def _rows(old: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> Iter
     while batch := cursor.fetchmany(_BATCH):
         yield [dict(zip(columns, row, strict=True)) for row in batch]
 
+
+def measured_accuracy(database: Database, adapter: str, version: int) -> dict[str, Any]:
+    """What the labels say of one version's served predictions: `{"accuracy", "labels"}`, over every captured
+    prediction of it that a label names (accuracy None without one). The label-free estimate's ground truth."""
+    served = capture_records.c
+    query = (select(served.label, labels.c.label).join(labels, labels.c.prediction_id == served.prediction_id)
+             .where(served.adapter == adapter, served.version == int(version)))
+    with database.read() as conn:
+        pairs = conn.execute(query).all()
+    right = sum(1 for predicted, label in pairs if predicted == label)
+    return {"accuracy": round(right / len(pairs), 4) if pairs else None, "labels": len(pairs), "version": int(version)}

@@ -27,6 +27,7 @@ from models.archive import extract
 from models.metadata import BASE, AdapterMeta
 from models.registry import MAX_VERSION, NAME_PATTERN, AdapterVersion
 from monitoring.dashboard import jsonable, render_dashboard
+from pipelines.label_db import measured_accuracy
 from pipelines.label_trust import Trust
 from service import errors
 from service.auth import Authenticator, Principal
@@ -382,8 +383,6 @@ class AdaptServe:
     def drift(self, adapter: AdapterQuery, authorization: Authorization = None) -> Any:
         """The latest drift check of `adapter` (run on a schedule inside the service, or by POST /drift/check), with
         the accuracy estimated without labels for its window and the accuracy the labels measure for its version."""
-        from service.label_requests import measured_accuracy  # the input cache decodes with torch: worker only
-
         self._require(authorization, "client", "reading drift")
         result = self._monitor().latest(adapter)
         if result is None:

@@ -75,17 +75,6 @@ def _labelled(database: Database, adapter: str, limit: int) -> list[Any]:
         return list(conn.execute(query).all())
 
 
-def measured_accuracy(database: Database, adapter: str, version: int) -> dict[str, Any]:
-    """What the labels say of one version's served predictions: `{"accuracy", "labels"}`, over every captured
-    prediction of it that a label names (accuracy None without one). The label-free estimate's ground truth."""
-    query = (select(_C.label, _L.label).join(labels, _L.prediction_id == _C.prediction_id)
-             .where(_C.adapter == adapter, _C.version == int(version)))
-    with database.read() as conn:
-        pairs = conn.execute(query).all()
-    right = sum(1 for predicted, label in pairs if predicted == label)
-    return {"accuracy": round(right / len(pairs), 4) if pairs else None, "labels": len(pairs), "version": int(version)}
-
-
 def _png_base64(cache: InputCache, prediction_id: str) -> str | None:
     try:
         _adapter, _version, image = cache.get(prediction_id)

@@ -10,6 +10,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from pipelines.label_db import measured_accuracy
+
 log = logging.getLogger("adaptserve")
 
 
@@ -56,8 +58,6 @@ def _events(svc, name: str, history: list[dict]) -> list[dict]:
 
 
 def _adapter(svc, info) -> dict:
-    from service.label_requests import measured_accuracy  # the input cache decodes with torch: worker only
-
     monitor = svc.rt.monitor
     history = monitor.history(info.name, limit=500) if monitor else []  # bounded: the page draws every point
     summary = monitor.summary(info.name) if monitor else {}

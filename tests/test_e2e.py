@@ -142,8 +142,9 @@ ENDINGS = [
     pytest.param(ScriptedService(drift=FLAGGED), "timeout", "waiting for 120 labels (have 87)", None,
                  id="timeout-labels"),  # fmt: skip
     pytest.param(ScriptedService(drift=FLAGGED, labels=130), "timeout",
-                 "waiting for the job runner's drift policy to start a job (drift flagged, 130 labels; is a job "
-                 "runner running, or is a drift job of this adapter within the cooldown?)", None,
+                 "waiting for the job runner's drift policy to start a job (drift flagged, 130 labels; the accuracy "
+                 "lost must reach ADAPTSERVE_RETRAIN_MIN_DROP; is a job runner running, or is a drift job of this "
+                 "adapter within the cooldown?)", None,
                  id="timeout-no-job"),  # fmt: skip
     pytest.param(ScriptedService(drift=FLAGGED, jobs=lambda n: [_job("running", 0.4, "training")] if n else []),
                  "timeout", "waiting for job abc12345 (running, 40%: training)", None,

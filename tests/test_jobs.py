@@ -657,6 +657,45 @@ def test_drift_policy(
         assert seen == [("ok-a", None if trained is None else trained.finished_at)], "labels since the last training"
 
 
+# drift flagged, estimated accuracy, measured (accuracy, labels), min_drop: starts a job, and how it is known
+ACCURACY_CASES = [
+    pytest.param(True, 0.985, (None, 0), 5.0, None, id="drift-that-costs-no-accuracy-starts-nothing"),
+    pytest.param(False, 0.80, (None, 0), 5.0, "estimated 80.0%", id="estimated-drop-without-a-drift-flag"),
+    pytest.param(True, 0.98, (0.70, 25), 5.0, "measured 70.0% from 25 labels", id="labels-outrank-the-estimate"),
+    pytest.param(True, 0.98, (0.10, 5), 5.0, None, id="a-few-labels-do-not"),
+    pytest.param(False, 0.50, (0.98, 40), 5.0, None, id="labels-say-it-is-fine"),
+    pytest.param(True, 0.985, (None, 0), 0.0, "drift flagged", id="min-drop-0-is-the-drift-flag-alone"),
+]
+
+
+@pytest.mark.parametrize(("flagged", "estimated", "measured", "min_drop", "starts"), ACCURACY_CASES)
+def test_the_policy_starts_a_job_on_lost_accuracy_not_on_any_drift(
+    store: JobStore, home: Path, flagged: bool, estimated: float, measured: tuple, min_drop: float, starts: str | None,
+) -> None:  # fmt: skip
+    check = {"adapter": "ok-a", "version": 1, "drift": flagged, "score": 3.1, "threshold": 2.0,
+             "checked_at": datetime.now(UTC).isoformat(),
+             "accuracy_estimate": {"estimated_accuracy": estimated, "holdout_accuracy": 0.997}}
+    asked: list[tuple[str, int]] = []
+
+    def measure(adapter: str, version: int) -> dict:
+        asked.append((adapter, version))
+        return {"accuracy": measured[0], "labels": measured[1]}
+
+    policy = DriftPolicy(home, min_labels=50, cooldown_s=600, min_drop=min_drop, latest_drift=lambda a: check,
+                         count_labels=lambda a, since: 60, measured=measure, jobs=store)
+    reason = policy.evaluate("ok-a")
+    if starts is None:
+        assert reason is None
+    else:
+        assert reason is not None and starts in reason and reason.endswith("60 new labels (>= 50)"), reason
+    assert asked == ([] if min_drop == 0 else [("ok-a", 1)])
+
+
+def test_the_default_measured_reader_counts_labels_of_served_predictions(home: Path) -> None:
+    policy = DriftPolicy(home)
+    assert policy._measured("ok-a", 1) == {"accuracy": None, "labels": 0, "version": 1}
+
+
 MIN_LABELS_ENV, COOLDOWN_ENV = settings.env_name("retrain_min_labels"), settings.env_name("retrain_cooldown_s")
 
 
