@@ -36,10 +36,14 @@ import typer
 from benchmarks.machine import cpu_model
 from benchmarks.output import write_record
 from models.artifacts import load_adapter_model, load_model, save_adapter
+from models.export import merged_classifier
 from models.metadata import AdapterMeta
 from models.preprocessing import parse_augment
 from models.registry import AdapterRegistry, open_registry
 from models.samples import sample_path, save_image_set
+from monitoring.capture import CaptureStore, make_records
+from monitoring.image_stats import batch_image_stats
+from monitoring.reference import forward
 from pipelines.adapt import pretrain
 from pipelines.data import DataSplits, ImageSet, digits_splits
 from pipelines.evaluate import evaluate
@@ -55,9 +59,10 @@ from pipelines.retrain import (
     split_labels,
     torch_threads,
 )
-from pipelines.shifts import shift_set
+from pipelines.shifts import SHIFTS, shift_set
 from pipelines.train import TrainConfig, fit, seed_everything
 from service.inputs import InputCache
+from service.label_requests import label_requests
 
 TARGETS = {"recovered_fraction": 0.9, "max_labels": 500, "max_source_drop_points": 1.0, "max_job_seconds": 180.0}
 
@@ -74,6 +79,7 @@ class BenchConfig:
         metadata={"help": "shifted test set = the digits test split under this many independent shift draws"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the shift, the labelled sample and training"})
+    labels: str = field(default="random", metadata={"help": "which predictions get labels: random | requested"})
 
 
 def _clean_champion(
@@ -106,19 +112,38 @@ def _accuracy(registry: AdapterRegistry, base_dir: Path, dataset: ImageSet) -> f
     return evaluate(model, dataset.with_transform(meta.preprocessing.eval_transform()), list(meta.classes)).accuracy
 
 
-def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int) -> int:
-    """Serve the stream through the input cache; label a seeded fraction by prediction id, as POST /feedback."""
+def _feedback(home: Path, stream: ImageSet, cfg: BenchConfig, version: int, base_dir: Path | None = None) -> int:
+    """Serve the stream through the input cache; label min(max_labels, feedback_fraction x stream) predictions by
+    prediction id, as POST /feedback: a seeded random sample (labels "random"), or the ones GET /labels/requests
+    asks for (labels "requested": the champion's captured predictions, margin sampling + k-center greedy)."""
     cache, store = InputCache(home), LabelStore(home)
     ids = [f"bench-{cfg.seed}-{i:05d}" for i in range(len(stream))]
     for a in range(0, len(ids), 64):  # request batches, as the service's background thread stores them
         cache.put_many("site", version, ids[a : a + 64], stream.images[a : a + 64])
-    rng = np.random.default_rng(cfg.seed)
     n = min(cfg.max_labels, int(round(cfg.feedback_fraction * len(stream))))
-    for i in np.sort(rng.permutation(len(stream))[:n]):
+    if cfg.labels == "requested":
+        _capture(home, stream, ids, version, base_dir)
+        wanted = {r["id"] for r in label_requests(cache, "site", n, images=False)["requests"]}
+        chosen = [i for i, pid in enumerate(ids) if pid in wanted]
+    else:
+        chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(stream))[:n]).tolist()
+    for i in chosen:
         adapter, _, image = cache.get(ids[i])
         store.add(adapter, image, stream.classes[stream.labels[i]], stream.classes, "feedback", prediction_id=ids[i],
                   trust=Trust.TRUSTED, sender="bench:labeller")  # the site's own labeller: trusted
     return store.count("site")
+
+
+def _capture(home: Path, stream: ImageSet, ids: list[str], version: int, base_dir: Path | None) -> None:
+    """The champion's capture records of the stream, as the service's monitor writes them (embeddings, margins)."""
+    assert base_dir is not None, "requested labels need the base model to run the champion"
+    registry = open_registry(home)
+    base, meta = load_model(base_dir)
+    model, _ = load_adapter_model(registry.load_check("site", version).path, copy.deepcopy(base), meta)
+    probs, embeddings = forward(merged_classifier(model), stream.images, meta.preprocessing)
+    with CaptureStore(home, max_per_adapter=len(ids) + 10) as capture:
+        capture.add_many(make_records("site", version, ids, embeddings, batch_image_stats(stream.images), probs,
+                                      stream.classes))
 
 
 def _stream(digits: DataSplits, cfg: BenchConfig) -> ImageSet:
@@ -157,7 +182,7 @@ def run_bench(
             version = _clean_champion(base_dir, registry, work, digits.val, retrain_cfg, cfg.champion_epochs)
         tests = {"clean": digits.test, "shifted": _shifted_test(digits.test, cfg)}
         before = {k: _accuracy(registry, base_dir, d) for k, d in tests.items()}
-        labels = _feedback(home, _stream(digits, cfg), cfg, version)
+        labels = _feedback(home, _stream(digits, cfg), cfg, version, base_dir)
         say(f"champion v{version}: clean {before['clean']:.3f}, shifted {before['shifted']:.3f}; {labels} labels")
         result, seconds, cpu = _timed_retrain(home, base_dir, retrain_cfg, say)
         say(result.reason)
@@ -306,32 +331,57 @@ def _markdown(rec: dict[str, Any]) -> str:
 def command(
     base: Annotated[Path | None, typer.Option(help="source model dir [default: pretrain one into a temp dir]")] = None,
     shift: Annotated[
-        str, typer.Option(help="gaussian_noise, defocus_blur, contrast, brightness, rotation, invert")
+        str, typer.Option(help="gaussian_noise, defocus_blur, contrast, brightness, rotation, invert; a comma list, "
+                          "or all")
     ] = ("gaussian_noise"),
-    severity: Annotated[int, typer.Option(min=1, max=5, help="shift severity 1..5")] = 3,
+    severity: Annotated[str, typer.Option(help="shift severity 1..5, or a comma list (3,5)")] = "3",
     feedback_fraction: Annotated[float, typer.Option(help="fraction of shifted predictions labelled")] = 0.35,
     max_labels: Annotated[int, typer.Option(help="at most this many feedback labels")] = 500,
+    labels: Annotated[str, typer.Option(help="which predictions get labels: random, requested (GET "
+                                        "/labels/requests), or both (each case twice)")] = "random",
     epochs: Annotated[int | None, typer.Option(help="retrain epochs [default: RetrainConfig's]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     test_draws: Annotated[int, typer.Option(min=1, help="independent shift draws of the test split")] = 3,
     out: Annotated[Path, typer.Option(help="where retrain.md / retrain.json go")] = Path("benchmarks/results"),
 ) -> None:
-    """Benchmark feedback + retraining on the embedded task: shift, labels, retrain job, recovery, forgetting."""
-    cfg = BenchConfig(shift, severity, feedback_fraction, max_labels, seed=seed, test_draws=test_draws)
+    """Benchmark feedback + retraining on the embedded task: shift, labels, retrain job, recovery, forgetting.
+    One case writes retrain.md; several (--shift all, --severity 3,5, --labels both) write retrain-cases.md."""
+    from benchmarks import retrain_cases  # it imports this module
+
+    shifts = list(SHIFTS) if shift == "all" else [s.strip() for s in shift.split(",") if s.strip()]
+    levels = [int(s) for s in severity.split(",") if s.strip()]
+    strategies = ["requested", "random"] if labels == "both" else [labels]
+    unknown = [s for s in shifts if s not in SHIFTS] + [s for s in strategies if s not in ("random", "requested")]
+    if unknown or not all(1 <= v <= 5 for v in levels):
+        raise typer.BadParameter(f"unknown shift or label strategy {unknown}, or a severity outside 1..5: {levels}")
     retrain_cfg = RetrainConfig(seed=seed)
     if epochs is not None:
         retrain_cfg = replace(retrain_cfg, epochs=epochs)
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 - stdout is for the JSON line
-    row = run_bench(base, cfg, retrain_cfg, say)
     line = (
         f"adaptserve bench retrain --shift {shift} --severity {severity} --feedback-fraction {feedback_fraction} "
-        f"--max-labels {max_labels} --seed {seed} --test-draws {test_draws}"
+        f"--max-labels {max_labels} --labels {labels} --seed {seed} --test-draws {test_draws}"
         + (f" --epochs {epochs}" if epochs is not None else "")
         + (f" --base {base}" if base is not None else "")
     )
-    md, js = write_results(row, cfg, retrain_cfg, out, line)
+    cfg = BenchConfig(shifts[0], levels[0], feedback_fraction, max_labels, seed=seed, test_draws=test_draws,
+                      labels=strategies[0])
+    if len(shifts) == len(levels) == len(strategies) == 1:
+        row = run_bench(base, cfg, retrain_cfg, say)
+        md, js = write_results(row, cfg, retrain_cfg, out, line)
+        say(f"wrote {md} and {js}")
+        summary = retrain_cases.summarize([row])
+        print(json.dumps({k: v for k, v in row.items() if k != "gate"} | summary), flush=True)
+        return
+    result = retrain_cases.run_cases(base, shifts, levels, strategies, cfg, retrain_cfg, say)
+    record = {"command": line, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": _machine(),
+              "bench": asdict(cfg), "retrain": retrain_cfg.to_dict(), "targets": retrain_cases.CASE_TARGETS,
+              "strategies": strategies, "result": result}
+    md, js = write_record(out, "retrain-cases", record, retrain_cases.markdown(record))
     say(f"wrote {md} and {js}")
-    print(json.dumps({k: v for k, v in row.items() if k != "gate"}), flush=True)
+    cases = [{k: v for k, v in r.items() if k != "gate"} for r in result["cases"]]
+    print(json.dumps(result[strategies[0]] | {"labels": strategies[0], "cases": cases}
+                     | {s: result[s] for s in strategies[1:]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from monitoring.image_stats import batch_image_stats
 log = logging.getLogger(__name__)
 
 
-def _forward(merged: torch.nn.Module, images: Sequence[Image.Image], preprocessing: Preprocessing,
+def forward(merged: torch.nn.Module, images: Sequence[Image.Image], preprocessing: Preprocessing,
              batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(softmax probabilities, embeddings) of `images` through a merged model, as its ONNX file computes them."""
+    """(softmax probabilities, embeddings) of `images` through a merged model (models.export.merged_classifier), as
+    its ONNX file computes them."""
     transform = preprocessing.eval_transform()
     logits, embeddings = [], []
     with torch.inference_mode():
@@ -52,7 +53,7 @@ def compute_reference(
 
     About a second for 360 images at 32x32 (resnet18) on two shared cores.
     """
-    probs, embeddings = _forward(merged_classifier(model), images, preprocessing, batch_size)
+    probs, embeddings = forward(merged_classifier(model), images, preprocessing, batch_size)
     return reference_from_arrays(embeddings, batch_image_stats(images), probs)
 
 
@@ -63,7 +64,7 @@ def calibrate(model: torch.nn.Module, images: Sequence[Image.Image], labels: Seq
     merged = merged_classifier(model)
     sets = []
     for batch, truth in calibration_images(images, labels, per_set):
-        probs, _ = _forward(merged, batch, preprocessing)
+        probs, _ = forward(merged, batch, preprocessing)
         predicted = probs.argmax(axis=1)
         sets.append((probs.max(axis=1), predicted, (predicted == truth).astype(np.float64)))
     prior = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)

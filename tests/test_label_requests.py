@@ -150,3 +150,29 @@ def test_cli_prints_the_same_requests_and_writes_their_images(home: Path, tmp_pa
     assert Image.open(out / f"{expected[0]}.png").size == (8, 8)
     as_json = CliRunner().invoke(app, ["labels", "requests", "--adapter", "site", "-n", "3", "--json"])
     assert [r["id"] for r in json.loads(as_json.output)["requests"]] == expected
+
+
+def test_bench_retrain_labels_the_requested_predictions(source_model: Path, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from benchmarks.retrain import BenchConfig, _feedback
+    from models.registry import open_registry
+    from monitoring.tables import capture_records
+    from pipelines.data import digits_splits
+    from pipelines.label_db import labels
+    from pipelines.release import make_random_adapter, publish
+    from pipelines.shifts import shift_set
+
+    home = tmp_path / "home"
+    src = make_random_adapter(source_model, tmp_path / "adapter", seed=5, scale=0.005)
+    version = publish(open_registry(home), "site", src, source_model, promote=True).version
+    stream = shift_set(digits_splits(32).val, "gaussian_noise", 3, seed=0)  # 359 shifted digits
+    cfg = BenchConfig(max_labels=30, feedback_fraction=1.0, labels="requested")
+    assert _feedback(home, stream, cfg, version, source_model) == 30
+    database = LabelStore(home).database
+    with database.read() as conn:
+        margins = dict(conn.execute(select(capture_records.c.prediction_id, capture_records.c.margin)).all())
+        labelled = set(conn.scalars(select(labels.c.prediction_id)))
+    assert len(margins) == len(stream) and len(labelled) == 30 and labelled <= set(margins)
+    cutoff = sorted(margins.values())[4 * 30 - 1]  # margin sampling's pool: the 4 x 30 smallest margins
+    assert all(margins[i] <= cutoff for i in labelled)
