@@ -56,6 +56,7 @@ DEMO_ENV = {
 
 
 OUTCOMES = ("promoted", "rejected", "failed", "timeout")
+REQUEST_BATCH = 8  # labels the demo's labeller asks for at once (GET /labels/requests?n=)
 
 
 @dataclass
@@ -94,8 +95,8 @@ class Client:
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def get(self, path: str, **params: Any) -> Any:
-        r = self.http.get(path, params=params)
+    def get(self, path: str, admin: bool = False, **params: Any) -> Any:
+        r = self.http.get(path, params=params, headers=self.auth if admin else {})
         return r.json() if r.status_code == 200 else None
 
     def post(self, path: str, body: dict, admin: bool = False) -> Any:
@@ -183,22 +184,39 @@ class DemoConfig:
 
 
 def _stream(client: Client, tl: Timeline, cfg: DemoConfig, images, labels, phase: str, state: dict) -> None:
-    """One /predict request; feedback for a fraction of its images; note version changes as promotions."""
+    """One /predict request; after the shift, labels for `feedback_fraction` of the images served, on the
+    predictions the service asks labels for (GET /labels/requests, as a labeller would work); note version changes
+    as promotions."""
     body = {"images": [png_b64(im) for im in images], "adapter": cfg.adapter}
     r = client.post("/predict", body)
+    truth = state.setdefault("truth", {})  # what the site's labeller would answer, by prediction id
     for p, y in zip(r["predictions"], labels, strict=True):
         tl.correct.append(int(p["label"] == str(y)))
         tl.versions.append(r["version"])
         tl.phase.append(phase)
-        if phase == "shifted" and state["rng"].random() < cfg.feedback_fraction:
-            sent = client.post("/feedback", {"id": p["id"], "label": str(y)}, admin=True)
-            state["labels"] += 1
-            state["label_count"] = sent.get("labels", state["labels"])  # what the service holds for the adapter
+        truth[p["id"]] = str(y)
+    if phase == "shifted":
+        state["budget"] = state.get("budget", 0.0) + cfg.feedback_fraction * len(images)
+        if state["budget"] >= REQUEST_BATCH:
+            _label_requested(client, cfg, state)
     if state.get("version") not in (None, r["version"]) and "promoted_at" not in state:
         state["promoted_at"] = len(tl.correct)
         state["outcome"] = "promoted"
         tl.add("promote", f"responses now come from v{r['version']} (was v{state['version']})", state["say"])
     state["version"] = r["version"]
+
+
+def _label_requested(client: Client, cfg: DemoConfig, state: dict) -> None:
+    """Label what GET /labels/requests asks for, up to the budget the images served so far allow."""
+    asked = client.get("/labels/requests", admin=True, adapter=cfg.adapter, n=int(state["budget"]), images="false")
+    for req in (asked or {}).get("requests", []):
+        label = state["truth"].get(req["id"])
+        if label is None:
+            continue
+        sent = client.post("/feedback", {"id": req["id"], "label": label}, admin=True)
+        state["labels"] += 1
+        state["budget"] -= 1
+        state["label_count"] = sent.get("labels", state["labels"])  # what the service holds for the adapter
 
 
 def _watch(client: Client, tl: Timeline, cfg: DemoConfig, state: dict) -> None:
@@ -286,7 +304,8 @@ def run_demo(client: Client, base: Path, cfg: DemoConfig, say: Callable[[str], N
             _watch(client, tl, cfg, state)
     onset = len(tl.correct)
     tl.add("phase", f"camera degrades: {cfg.shift} severity {cfg.severity}; "
-                    f"feedback on {cfg.feedback_fraction:.0%} of predictions", say)
+                    f"labels for {cfg.feedback_fraction:.0%} of the images served, on the predictions "
+                    "GET /labels/requests asks for", say)
     shifted_phase(client, tl, cfg, pool, state)
     return summarize(tl, cfg, onset, state)
 

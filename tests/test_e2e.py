@@ -97,6 +97,7 @@ class ScriptedService:
     labels: int = 87
     requests: int = 0
     feedback_auth: list[str | None] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)  # prediction ids not labelled yet, newest last
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -105,9 +106,15 @@ class ScriptedService:
             version = 2 if self.promote_after is not None and self.requests > self.promote_after else 1
             n = len(json.loads(request.content)["images"])
             preds = [{"id": f"p{self.requests}-{i}", "label": "0"} for i in range(n)]
+            self.served += [p["id"] for p in preds]
             return httpx.Response(200, json={"version": version, "predictions": preds})
+        if path == "/labels/requests":
+            self.feedback_auth.append(request.headers.get("authorization"))
+            n = int(request.url.params["n"])
+            return httpx.Response(200, json={"requests": [{"id": i} for i in self.served[-n:]]})
         if path == "/feedback":
             self.feedback_auth.append(request.headers.get("authorization"))
+            self.served.remove(json.loads(request.content)["id"])
             return httpx.Response(201, json={"labels": self.labels})
         if path == "/drift":
             return httpx.Response(200, json=self.drift) if self.drift else httpx.Response(404, json={"error": "none"})
@@ -176,6 +183,7 @@ def test_the_shifted_phase_ends_with_an_outcome_or_says_what_it_waited_for(
     if requests is not None:
         assert service.requests == requests
     assert service.feedback_auth and set(service.feedback_auth) == {"Bearer admin-token"}, "labels come as the admin"
+    assert len(service.feedback_auth) >= 2, "requests asked for and labelled"
     kinds = [e.kind for e in tl.events]
     assert kinds.count({"promoted": "promote"}.get(outcome, outcome)) == 1, kinds
     if outcome == "promoted":
