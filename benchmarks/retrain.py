@@ -230,7 +230,7 @@ def _summary(
         "labels_used": labels,
         "job_seconds": round(times[0], 1),
         "promoted": result.promoted,
-        "recovered_fraction": round(recovered, 3),
+        "recovered_fraction": round(recovered, 3) if lost > 0 else None,  # nothing lost, nothing to recover
         "job_cpu_seconds": round(times[1], 1),
         "status": result.status,
         "gate": result.numbers,
@@ -240,12 +240,16 @@ def _summary(
         "shifted_test_images": shifted_n,
     }
     row["targets_met"] = {
-        "recovered_90pct": bool(recovered >= TARGETS["recovered_fraction"]),
+        "recovered_90pct": bool(lost > 0 and recovered >= TARGETS["recovered_fraction"]),
         "labels_at_most_500": labels <= TARGETS["max_labels"],
         "source_within_1_point": bool(100 * (clean - source_after) <= TARGETS["max_source_drop_points"]),
         "job_under_3_minutes": times[0] < TARGETS["max_job_seconds"],
     }
     return row
+
+
+def _pct(fraction: float | None) -> str:
+    return "n/a (no loss)" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _machine() -> dict[str, Any]:
@@ -306,7 +310,7 @@ def _markdown(rec: dict[str, Any]) -> str:
             f"| clean accuracy (champion before the shift) | {100 * r['clean_acc']:.1f}% |",
             f"| shifted accuracy (same champion, shifted test) | {100 * r['shifted_acc']:.1f}% |",
             f"| retrained accuracy (champion after the job, shifted test) | {100 * r['retrained_acc']:.1f}% |",
-            f"| share of the shift's loss recovered | {100 * r['recovered_fraction']:.0f}% |",
+            f"| share of the shift's loss recovered | {_pct(r['recovered_fraction'])} |",
             f"| source accuracy before / after | {100 * r['source_acc_before']:.1f}% / "
             f"{100 * r['source_acc_after']:.1f}% |",
             f"| labels used (train / gate holdout) | {r['labels_used']} "

@@ -23,6 +23,7 @@ from benchmarks.retrain import (
     _accuracy,
     _clean_champion,
     _feedback,
+    _pct,
     _shifted_test,
     _stream,
     _summary,
@@ -40,7 +41,8 @@ CASE_TARGETS = {"min_recovered_fraction": 0.95, "max_labels_used": 200, "max_sou
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The worst case of a list of case rows, and whether it meets CASE_TARGETS."""
-    lossy = [r for r in rows if 100 * (r["clean_acc"] - r["shifted_acc"]) >= MIN_LOSS_POINTS]
+    lossy = [r for r in rows if 100 * (r["clean_acc"] - r["shifted_acc"]) >= MIN_LOSS_POINTS
+             and r["recovered_fraction"] is not None]
     out = {
         "min_recovered_fraction": min((r["recovered_fraction"] for r in lossy), default=None),
         "max_labels_used": max(r["labels_used"] for r in rows),
@@ -95,7 +97,7 @@ def run_cases(
                     row["labels_strategy"] = strategy
                     rows.append(row)
                     say(f"{shift}@{severity} {strategy}: {row['shifted_acc']:.3f} -> {row['retrained_acc']:.3f} "
-                        f"({row['recovered_fraction']:.0%} recovered), source {row['source_acc_after']:.3f}, "
+                        f"({_pct(row['recovered_fraction'])} recovered), source {row['source_acc_after']:.3f}, "
                         f"{labels} labels, job {seconds:.0f} s: {result.status}")
                     shutil.rmtree(home, ignore_errors=True)
     out: dict[str, Any] = {"cases": rows}
@@ -126,7 +128,7 @@ def markdown(rec: dict[str, Any]) -> str:
     for r in rec["result"]["cases"]:
         lines.append(
             f"| {r['shift']} @{r['severity']} | {r['labels_strategy']} | {100 * r['clean_acc']:.1f} | "
-            f"{100 * r['shifted_acc']:.1f} | {100 * r['retrained_acc']:.1f} | {100 * r['recovered_fraction']:.0f}% | "
+            f"{100 * r['shifted_acc']:.1f} | {100 * r['retrained_acc']:.1f} | {_pct(r['recovered_fraction'])} | "
             f"{100 * r['source_acc_after']:.1f} | {r['job_seconds']:.0f} | {r['status']} |")
     lines += ["", f"Targets (issue 15): recover >= 95% of the loss on every case that lost >= {MIN_LOSS_POINTS:g} "
               "point, <= 200 labels, source within 0.5 point, job <= 60 s on 2 cores.", ""]
