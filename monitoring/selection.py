@@ -54,10 +54,11 @@ def k_center_greedy(
     nearest = np.full(len(x), np.inf)
     if centers is not None and len(centers):
         c = np.asarray(centers, dtype=np.float64)
-        for start in range(0, len(c), 1024):  # bounded memory: rows x 1024 distances at a time
+        sq = (x**2).sum(axis=1)
+        for start in range(0, len(c), 1024):  # bounded memory: a rows x 1024 matrix at a time, never rows x c x d
             block = c[start:start + 1024]
-            d = np.sqrt(np.maximum(((x[:, None, :] - block[None, :, :]) ** 2).sum(axis=2), 0.0))
-            nearest = np.minimum(nearest, d.min(axis=1))
+            d2 = sq[:, None] + (block**2).sum(axis=1)[None, :] - 2.0 * (x @ block.T)
+            nearest = np.minimum(nearest, np.sqrt(np.maximum(d2, 0.0)).min(axis=1))
     picks, distances = [], []
     for _ in range(n):
         i = 0 if np.isinf(nearest).all() else int(np.argmax(nearest))

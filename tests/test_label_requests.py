@@ -176,3 +176,16 @@ def test_bench_retrain_labels_the_requested_predictions(source_model: Path, tmp_
     assert len(margins) == len(stream) and len(labelled) == 30 and labelled <= set(margins)
     cutoff = sorted(margins.values())[4 * 30 - 1]  # margin sampling's pool: the 4 x 30 smallest margins
     assert all(margins[i] <= cutoff for i in labelled)
+
+
+def test_selection_against_many_labelled_centers_stays_small_in_memory() -> None:
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    x, labelled = rng.normal(size=(2000, 512)), rng.normal(size=(5000, 512))
+    tracemalloc.start()
+    chosen = select(x, rng.uniform(size=2000), n=500, labelled=labelled)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(set(chosen.indices.tolist())) == 500
+    assert peak < 200 * 2**20, f"{peak / 2**20:.0f} MiB: the 2000 x 5000 x 512 difference tensor would be 40 GB"
