@@ -5,8 +5,8 @@ One test, in the order a deployment lives it: an adapter registered through repl
 through B is served by A within a second; a prediction served by A is labelled through B (and one served by B
 through A); a drift check run by A counts both replicas' records; a missed cron tick fires once although two
 runners start at the same moment; its job is claimed by exactly one runner, which is then killed -9 mid-job: the
-other runner fails the job once its lease runs out (LEASE_ERROR, failed, not retried: README "Deploy") and runs
-the next one.
+other runner fails the job once its lease runs out (LEASE_ERROR; ORPHAN_ERROR if it started after the kill:
+failed, not retried either way: README "Deploy") and runs the next one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from benchmarks.serve import ServeProcess
 from models import migrations
 from models.state import close_all
 from pipelines.data import digits_splits
-from pipelines.jobs import LEASE_ERROR
+from pipelines.jobs import LEASE_ERROR, ORPHAN_ERROR
 from pipelines.schedules import ScheduleStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,9 @@ def test_two_replicas_and_two_runners_share_one_database_and_bucket(
 
     failed = wait_for(lambda: (j := _job(b, scheduled["id"]))["state"] != "running" and j,
                       "the surviving runner to fail the killed runner's job", timeout=LEASE_S + 30, every=0.2)
-    assert (failed["state"], failed["error"]) == ("failed", LEASE_ERROR), failed
+    # LEASE_ERROR once the lease ran out; ORPHAN_ERROR at once when the survivor's start came after the kill (on a
+    # loaded machine one runner can fire, claim and be killed before the other is up): it finds the pid gone
+    assert failed["state"] == "failed" and failed["error"] in (LEASE_ERROR, ORPHAN_ERROR), failed
     assert failed["log"].count("running (runner pid") == 1, "claimed once, not retried"
     assert time.time() - killed_at < LEASE_S + 20
 
