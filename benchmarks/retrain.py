@@ -161,6 +161,15 @@ def _timed_retrain(
     return result, time.perf_counter() - wall0, _cpu_seconds() - cpu0
 
 
+def source_model(base_dir: Path | None, work: Path, retrain_cfg: RetrainConfig, say: Callable[[str], None]) -> Path:
+    """`base_dir`, or the embedded source model pretrained under `work` when none is given."""
+    if base_dir is not None:
+        return base_dir
+    say("pretraining the embedded source model into a temp dir (about a minute on 2 idle cores)")
+    with torch_threads(job_threads(retrain_cfg.threads)):
+        return pretrain(work / "digits-resnet18")[0]
+
+
 def run_bench(
     base_dir: Path | None,
     cfg: BenchConfig,
@@ -171,10 +180,7 @@ def run_bench(
     retrain_cfg = retrain_cfg or RetrainConfig(seed=cfg.seed)
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-retrain-") as tmp:
         work = Path(tmp)
-        if base_dir is None:
-            say("pretraining the embedded source model into a temp dir (about a minute on 2 idle cores)")
-            with torch_threads(job_threads(retrain_cfg.threads)):
-                base_dir, _ = pretrain(work / "digits-resnet18")
+        base_dir = source_model(base_dir, work, retrain_cfg, say)
         home, digits = work / "home", digits_splits(32, seed=0)
         registry = open_registry(home)
         say("training and promoting the site's clean champion")

@@ -28,9 +28,9 @@ from benchmarks.retrain import (
     _stream,
     _summary,
     _timed_retrain,
+    source_model,
 )
 from models.registry import open_registry
-from pipelines.adapt import pretrain
 from pipelines.data import digits_splits
 from pipelines.retrain import RetrainConfig, job_threads, torch_threads
 
@@ -70,10 +70,7 @@ def run_cases(
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-retrain-") as tmp:
         work = Path(tmp)
-        if base_dir is None:
-            say("pretraining the embedded source model into a temp dir (about a minute on 2 idle cores)")
-            with torch_threads(job_threads(retrain_cfg.threads)):
-                base_dir, _ = pretrain(work / "digits-resnet18")
+        base_dir = source_model(base_dir, work, retrain_cfg, say)
         digits, template = digits_splits(32, seed=0), work / "template"
         registry = open_registry(template)
         say("training and promoting the site's clean champion (once, for every case)")
