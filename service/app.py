@@ -20,6 +20,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse
 
 from models import settings
@@ -168,16 +169,38 @@ class AdaptServe:
     @api.post("/predict/upload")
     async def predict_upload(
         self,
-        file: UploadFile,
+        file: list[UploadFile],
         adapter: Annotated[str | None, Query(max_length=64)] = None,
         top_k: int = 1,
         authorization: Authorization = None,
     ) -> Any:
-        """One image as a multipart file upload (`curl -F file=@cat.jpg`)."""
-        from service.decode import decode_upload  # torch (preprocessing): in the worker only
+        """Images as multipart file parts, one or more named `file` (`curl -F file=@a.jpg -F file=@b.jpg`)."""
+        from service.decode import decode_uploads  # torch (preprocessing): in the worker only
 
         self._require(authorization, "client", "prediction")
-        data = await file.read()
+        blobs = [await part.read() for part in file[: self.limits.max_images + 1]]  # one past the limit says so
+        images = await asyncio.to_thread(decode_uploads, blobs, self.limits)
+        return await self.rt.predict(images, adapter, top_k, blobs)
+
+    @api.post("/predict/image")
+    async def predict_image(
+        self,
+        request: Request,
+        adapter: Annotated[str | None, Query(max_length=64)] = None,
+        top_k: int = 1,
+        authorization: Authorization = None,
+    ) -> Any:
+        """One image as the raw request body (`curl --data-binary @a.jpg -H 'Content-Type: image/jpeg'`): no base64,
+        no multipart; any image/* type or application/octet-stream (the bytes say the format, not the header)."""
+        from service.decode import InputError, decode_upload  # torch (preprocessing): in the worker only
+
+        self._require(authorization, "client", "prediction")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (kind.startswith("image/") or kind == "application/octet-stream"):
+            raise InputError(f"Content-Type {kind or '(none)'!r}: send image/jpeg, image/png, ... or "
+                             "application/octet-stream (JSON goes to /predict, multipart to /predict/upload)",
+                             status=415)
+        data = await request.body()  # within ADAPTSERVE_MAX_BODY_BYTES (BodyLimitMiddleware)
         image = await asyncio.to_thread(decode_upload, data, self.limits)
         return await self.rt.predict([image], adapter, top_k, [data])
 

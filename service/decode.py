@@ -329,6 +329,28 @@ def decode_one(item: object, limits: DecodeLimits | None = None, *, field: str =
         raise InputError(f"{field}: {e.detail}", status=e.status) from e.__cause__
 
 
+def decode_uploads(
+    items: list[bytes], limits: DecodeLimits | None = None, *, field: str = "file"
+) -> list[Image.Image]:
+    """Several upload bodies (multipart parts named `field`) to RGB images, under the same per-request image
+    count as a JSON list; errors name the part (``file[1]: ...``)."""
+    limits = limits or DecodeLimits()
+    if not items:
+        raise InputError(f"{field}: no file parts; send at least one image")
+    if len(items) > limits.max_images:
+        raise InputError(
+            f"{field}: {len(items)} images exceed the limit of {limits.max_images} per request "
+            f"({settings.env_name('max_images')})"
+        )
+    images = []
+    for i, data in enumerate(items):
+        try:
+            images.append(decode_upload(data, limits))
+        except InputError as e:
+            raise (e.at(i, field) if len(items) > 1 else e) from e.__cause__
+    return images
+
+
 def decode_upload(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
     """The body of a single-file upload (multipart file part) to an RGB image; errors carry no index."""
     if not isinstance(data, bytes | bytearray | memoryview):

@@ -317,9 +317,47 @@ def _chunked(total: int, chunk: int = 2**20) -> Iterator[bytes]:
         sent += chunk
 
 
-@pytest.mark.parametrize("path", ["/predict", "/predict/upload"], ids=["predict", "upload"])
+def _parts(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (f"{i}.png", blob, "image/png")) for i, blob in enumerate(blobs)]
+
+
+@pytest.mark.parametrize(
+    "send, status, message",
+    [
+        (lambda c: c.post("/predict/image", content=_png(), headers={"content-type": "application/json"}), 415,
+         "Content-Type 'application/json': send image/jpeg"),
+        (lambda c: c.post("/predict/image", content=_png()), 415, "Content-Type '(none)'"),
+        (lambda c: c.post("/predict/image", content=b"", headers={"content-type": "image/png"}), 400,
+         "empty upload"),
+        (lambda c: c.post("/predict/image", content=b"\x89PNG\r\n\x1a\nnot", headers={"content-type": "image/png"}),
+         400, "not an image Pillow can decode"),
+        (lambda c: c.post("/predict/image?top_k=99999999999999999999", content=_png(),
+                          headers={"content-type": "image/png"}), 400, "top_k"),
+        (lambda c: c.post("/predict/upload", files=_parts(_png(), b"garbage")), 400,
+         "file[1]: not an image Pillow can decode"),
+        (lambda c: c.post("/predict/upload", files=_parts(*[_png()] * 33)), 400,
+         "file: 33 images exceed the limit of 32 per request (ADAPTSERVE_MAX_IMAGES)"),
+        (lambda c: c.post("/predict/upload", data={"other": "x"}, files=[("x", ("a", b"", "text/plain"))]), 400,
+         "file"),
+    ],
+    ids=["json-type", "no-type", "empty", "truncated", "huge-top-k", "bad-part", "too-many-parts", "no-file-part"],
+)
+def test_raw_and_multipart_inputs_are_4xx_with_the_reason(server: ServeProcess, send, status, message) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        r = send(client)
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"], r.json()
+        ok = client.post("/predict/image?adapter=site-a&top_k=2", content=_png(), headers={"content-type": "image/x"})
+        assert ok.status_code == 200 and len(ok.json()["predictions"][0]["top_k"]) == 2, ok.text
+        many = client.post("/predict/upload", params={"adapter": "site-a"}, files=_parts(_png(0), _png(1), _png(2)))
+        assert many.status_code == 200 and len(many.json()["predictions"]) == 3, many.text
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/upload", "/predict/image"], ids=["predict", "upload", "raw"])
 def test_a_chunked_200_mb_body_is_a_413_read_by_the_client(server: ServeProcess, path: str) -> None:
-    headers = {"content-type": "application/json" if path == "/predict" else "multipart/form-data; boundary=x"}
+    headers = {"/predict": "application/json", "/predict/upload": "multipart/form-data; boundary=x",
+               "/predict/image": "image/jpeg"}
+    headers = {"content-type": headers[path]}
     r = httpx.post(f"{server.url}{path}", content=_chunked(200 * 2**20), headers=headers, timeout=60)
     assert r.status_code == 413
     assert r.json()["error"] == (

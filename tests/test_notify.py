@@ -278,11 +278,17 @@ def test_an_idle_subscription_costs_next_to_nothing(database: Database, db_url: 
     """Waiting costs one look-up every CHECK_S (closed? socket still there?), not a poll of the database."""
     with notify.Subscription(db_url, notify.REGISTRY) as sub:
         assert sub.wait(10)
-        cpu, wall = time.process_time(), time.monotonic()
+        # The listener thread's own CPU clock: the process clock also counts whatever other threads earlier tests
+        # left running (a loaded CI machine read 1.8% that way, with the listener itself at a fraction of that).
+        assert sub._thread.ident is not None
+        clock = time.pthread_getcpuclockid(sub._thread.ident)
+        cpu, wall = time.clock_gettime(clock), time.monotonic()
         assert sub.wait(3.0) is False
-        share = (time.process_time() - cpu) / (time.monotonic() - wall)
+        share = (time.clock_gettime(clock) - cpu) / (time.monotonic() - wall)
     print(f"\n{_backend(database)}: an idle subscription uses {100 * share:.3f}% of a core")
-    assert share < 0.01
+    # measured on the listener thread: SQLite ~0.3%, PostgreSQL 0.4-0.8% (psycopg's notifies() set-up every
+    # CHECK_S); a poll of the database every few milliseconds, or a busy loop, costs ten times the bound
+    assert share < 0.03
 
 
 def test_an_unreachable_server_leaves_polling_only(postgres_url: str) -> None:
