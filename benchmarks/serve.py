@@ -379,6 +379,7 @@ def command(
     warmup: Annotated[float | None, typer.Option(help=_help("warmup"), show_default=False)] = None,
     token: Annotated[str | None, typer.Option(help="admin token of --url (default: $ADAPTSERVE_ADMIN_TOKEN)")] = None,
     baseline: Annotated[bool, typer.Option(help=_help("baseline"), show_default=False)] = True,
+    fp32: Annotated[bool, typer.Option(help=_help("fp32"), show_default=False)] = True,
     default_baseline: Annotated[
         bool | None, typer.Option(help=f"{_help('default_baseline')[:-1]}; --quick: off)", show_default=False)
     ] = None,
@@ -406,6 +407,7 @@ def command(
         url=url,
         token=token or settings.load().admin_token or TOKEN,
         baseline=baseline,
+        fp32=fp32,
         default_baseline=(not quick) if default_baseline is None else default_baseline,
         database=database,
         artifacts=artifacts,

@@ -170,10 +170,11 @@ def test_quick_bench_on_postgresql_and_s3_measures_swaps_across_replicas(
     tmp_path: Path, postgres_url: str, s3_url: str
 ) -> None:
     """--database / --artifacts: every server on a real PostgreSQL and moto's S3 (AWS_* from the environment), a
-    second replica promoting while the first serves; results as serve-scaleout, beside serve's."""
+    second replica promoting while the first serves; results as serve-scaleout, beside serve's. The fp32 and
+    baseline servers are the other test's: they read nothing from the database or the bucket."""
     env = {**os.environ, "ADAPTSERVE_HOME": str(tmp_path / "unused-home")}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "benchmarks.serve", "--quick", "--no-baseline", "--out-dir", str(out),
+    cmd = [sys.executable, "-m", "benchmarks.serve", "--quick", "--no-baseline", "--no-fp32", "--out-dir", str(out),
            "--database", postgres_url, "--artifacts", s3_url]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -182,6 +183,7 @@ def test_quick_bench_on_postgresql_and_s3_measures_swaps_across_replicas(
     assert result["swap_cross_replica_p99_ms"] is not None
     assert result["swap_cross_replica_after_promote_p99_ms"] < 1000, "every worker of the first within a second"
     assert result["database"].startswith("postgresql+psycopg://") and result["artifacts"] == s3_url
+    assert result["fp32_throughput_img_s"] is None and result["baseline_img_s"] is None  # not measured: None
     assert sorted(p.name for p in out.iterdir()) == ["serve-scaleout.json", "serve-scaleout.md"]
     assert "| swap across replicas" in (out / "serve-scaleout.md").read_text()
 

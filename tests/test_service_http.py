@@ -1,11 +1,13 @@
 """The HTTP layer through BentoML's ASGI app (`to_asgi()`), no server process."""
 
 import base64
+import contextlib
 import io
 import json
 import os
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +27,21 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def client(service_home: Path, source_model: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ADAPTSERVE_BASE_MODEL", str(source_model))
-    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKEN", TOKEN)
-    monkeypatch.setenv("ADAPTSERVE_MAX_BODY_BYTES", str(2 * 2**20))
-    monkeypatch.setenv("ADAPTSERVE_MAX_IMAGES", "8")
-    monkeypatch.setenv("ADAPTSERVE_JOB_RUNNER", "0")  # tests/test_jobs.py covers the runner
-    monkeypatch.setenv("ADAPTSERVE_DRIFT_INTERVAL_S", "0")  # checks on demand only
-    monkeypatch.setenv("ADAPTSERVE_DRIFT_MIN_RECORDS", "20")
-    monkeypatch.setenv("ADAPTSERVE_REPORT_EVERY", "0")
+    with _started(monkeypatch, source_model) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def _started(mp: pytest.MonkeyPatch, source_model: Path) -> Iterator[TestClient]:
+    """A TestClient on the service of ADAPTSERVE_HOME, with this module's settings set through `mp`."""
+    mp.setenv("ADAPTSERVE_BASE_MODEL", str(source_model))
+    mp.setenv("ADAPTSERVE_ADMIN_TOKEN", TOKEN)
+    mp.setenv("ADAPTSERVE_MAX_BODY_BYTES", str(2 * 2**20))
+    mp.setenv("ADAPTSERVE_MAX_IMAGES", "8")
+    mp.setenv("ADAPTSERVE_JOB_RUNNER", "0")  # tests/test_jobs.py covers the runner
+    mp.setenv("ADAPTSERVE_DRIFT_INTERVAL_S", "0")  # checks on demand only
+    mp.setenv("ADAPTSERVE_DRIFT_MIN_RECORDS", "20")
+    mp.setenv("ADAPTSERVE_REPORT_EVERY", "0")
     with TestClient(_asgi_app()) as c:  # lifespan start creates the service from this test's environment
         yield c
 
@@ -76,33 +85,6 @@ def test_any_pillow_format_is_accepted(client: TestClient) -> None:
     assert len(r.json()["predictions"]) == 5
 
 
-@pytest.mark.parametrize(
-    "body, status, message",
-    [
-        ({"images": []}, 400, "images: empty list; send at least one image"),
-        ({"images": ["not base64!"]}, 400, "images[0]: invalid base64"),
-        ({"images": [base64.b64encode(b"hello").decode()]}, 400, "images[0]: not an image Pillow can decode"),
-        ({"images": ["x"] * 9}, 400, "images: 9 images exceed the limit of 8 per request (ADAPTSERVE_MAX_IMAGES)"),
-        ({"images": [1]}, 400, "images[0]: expected a base64 string, got int"),
-        ({"images": "abc"}, 400, "validation error"),
-        ({"images": ["PNG"], "adapter": "nope"}, 404, "unknown adapter 'nope'; serving: base, site-a, site-b"),
-        ({"images": ["PNG"], "top_k": 0}, 400, "top_k must be between 1 and 10"),
-    ],
-    ids=["empty", "base64", "not-image", "too-many", "wrong-type", "not-a-list", "unknown-adapter", "top-k"],
-)
-def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, body: dict, status: int, message: str) -> None:
-    body = {
-        **body,
-        "images": [_png() if i == "PNG" else i for i in body["images"]]
-        if isinstance(body["images"], list)
-        else body["images"],
-    }
-    r = client.post("/predict", json=body)
-    assert r.status_code == status, r.text
-    assert message in r.json()["error"]
-    assert client.post("/predict", json={"images": [_png()]}).status_code == 200  # still serving
-
-
 def test_decompression_bomb_is_refused_with_413(client: TestClient) -> None:
     buf = io.BytesIO()
     Image.new("1", (10000, 10000)).save(buf, "PNG")
@@ -124,34 +106,6 @@ def test_multipart_upload_route(client: TestClient) -> None:
     )
     assert r.status_code == 200, r.text
     assert (r.json()["adapter"], r.json()["version"]) == ("site-b", 1)
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN + "x"}],
-    ids=["none", "wrong", "malformed"],
-)
-@pytest.mark.parametrize(
-    "method, path, kwargs",
-    [
-        ("post", "/adapters/promote", {"json": {"name": "site-a", "version": 2}}),
-        ("post", "/adapters/rollback", {"json": {"name": "site-a"}}),
-        ("delete", "/adapters/site-a/versions/2", {}),
-        ("post", "/adapters/register?name=x", {"files": {"archive": ("a.tgz", b"x")}}),
-    ],
-    ids=["promote", "rollback", "delete", "register"],
-)
-def test_admin_routes_need_the_token(client: TestClient, method: str, path: str, kwargs: dict, headers: dict) -> None:
-    r = getattr(client, method)(path, headers=headers, **kwargs)
-    assert r.status_code == 401
-    expected = {
-        "none": "needs an admin token: send 'Authorization: Bearer <token>'",
-        "wrong": "wrong token: it is not one of this service's tokens",
-        "malformed": "malformed Authorization header: send 'Authorization: Bearer <token>'",
-    }
-    assert any(r.json()["error"].endswith(e) for e in expected.values()), r.json()
-    assert r.headers["www-authenticate"].startswith("Bearer")
-    assert client.get("/adapters").json()["adapters"][0]["champion"] == 1  # nothing changed
 
 
 def test_promote_rollback_and_delete(client: TestClient) -> None:
@@ -248,25 +202,6 @@ def test_feedback_labels_a_prediction_by_id_or_an_uploaded_image(client: TestCli
     assert r and r.json()["adapter"] == "site-a" and r.json()["labels"] == 1, r
     r = post({"image": _png(), "label": "7", "adapter": "site-b"})
     assert r.status_code == 201 and r.json()["labels"] == 1, r.text
-
-
-@pytest.mark.parametrize(
-    "body, status, message",
-    [
-        ({"id": "nope", "label": "3"}, 404, "nope"),
-        ({"image": "PNG", "label": "ten", "adapter": "site-a"}, 400, "ten"),
-        ({"image": "PNG", "label": "3", "adapter": "site-x"}, 404, "unknown adapter 'site-x'"),
-        ({"image": "PNG", "label": "3"}, 400, "'adapter' is required with 'image'"),
-        ({"image": "!!", "label": "3", "adapter": "site-a"}, 400, "image: invalid base64"),
-        ({"label": "3"}, 400, "send either 'id'"),
-    ],
-    ids=["unknown-id", "unknown-label", "unknown-adapter", "no-adapter", "bad-image", "neither"],
-)
-def test_feedback_refuses_bad_input(client: TestClient, body: dict, status: int, message: str) -> None:
-    body = {k: (_png() if v == "PNG" else v) for k, v in body.items()}
-    r = client.post("/feedback", json=body, headers=AUTH)
-    assert r.status_code == status, r.text
-    assert message in r.json()["error"]
 
 
 def test_retrain_jobs_and_schedules_routes(client: TestClient) -> None:
@@ -444,3 +379,93 @@ def test_a_change_made_elsewhere_is_served_once_it_is_published(
     while served() != 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert served() == (2 if notify_on else 1)
+
+
+# --- refusals: each leaves the service as it was, so the 26 cases share one client (one costs ~4 s to start).
+# Keep them last: a module-scoped client lives until the module ends, and no other should start beside it.
+
+
+@pytest.fixture(scope="module")
+def shared(_service_home_template: Path, source_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    import shutil
+
+    home = tmp_path_factory.mktemp("refusals") / "svc"
+    shutil.copytree(_service_home_template, home)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTSERVE_HOME", str(home))
+        with _started(mp, source_model) as c:
+            yield c
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"images": []}, 400, "images: empty list; send at least one image"),
+        ({"images": ["not base64!"]}, 400, "images[0]: invalid base64"),
+        ({"images": [base64.b64encode(b"hello").decode()]}, 400, "images[0]: not an image Pillow can decode"),
+        ({"images": ["x"] * 9}, 400, "images: 9 images exceed the limit of 8 per request (ADAPTSERVE_MAX_IMAGES)"),
+        ({"images": [1]}, 400, "images[0]: expected a base64 string, got int"),
+        ({"images": "abc"}, 400, "validation error"),
+        ({"images": ["PNG"], "adapter": "nope"}, 404, "unknown adapter 'nope'; serving: base, site-a, site-b"),
+        ({"images": ["PNG"], "top_k": 0}, 400, "top_k must be between 1 and 10"),
+    ],
+    ids=["empty", "base64", "not-image", "too-many", "wrong-type", "not-a-list", "unknown-adapter", "top-k"],
+)
+def test_bad_input_gets_a_4xx_naming_the_problem(shared: TestClient, body: dict, status: int, message: str) -> None:
+    body = {
+        **body,
+        "images": [_png() if i == "PNG" else i for i in body["images"]]
+        if isinstance(body["images"], list)
+        else body["images"],
+    }
+    r = shared.post("/predict", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert shared.post("/predict", json={"images": [_png()]}).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN + "x"}],
+    ids=["none", "wrong", "malformed"],
+)
+@pytest.mark.parametrize(
+    "method, path, kwargs",
+    [
+        ("post", "/adapters/promote", {"json": {"name": "site-a", "version": 2}}),
+        ("post", "/adapters/rollback", {"json": {"name": "site-a"}}),
+        ("delete", "/adapters/site-a/versions/2", {}),
+        ("post", "/adapters/register?name=x", {"files": {"archive": ("a.tgz", b"x")}}),
+    ],
+    ids=["promote", "rollback", "delete", "register"],
+)
+def test_admin_routes_need_the_token(shared: TestClient, method: str, path: str, kwargs: dict, headers: dict) -> None:
+    r = getattr(shared, method)(path, headers=headers, **kwargs)
+    assert r.status_code == 401
+    expected = {
+        "none": "needs an admin token: send 'Authorization: Bearer <token>'",
+        "wrong": "wrong token: it is not one of this service's tokens",
+        "malformed": "malformed Authorization header: send 'Authorization: Bearer <token>'",
+    }
+    assert any(r.json()["error"].endswith(e) for e in expected.values()), r.json()
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert shared.get("/adapters").json()["adapters"][0]["champion"] == 1  # nothing changed
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"id": "nope", "label": "3"}, 404, "nope"),
+        ({"image": "PNG", "label": "ten", "adapter": "site-a"}, 400, "ten"),
+        ({"image": "PNG", "label": "3", "adapter": "site-x"}, 404, "unknown adapter 'site-x'"),
+        ({"image": "PNG", "label": "3"}, 400, "'adapter' is required with 'image'"),
+        ({"image": "!!", "label": "3", "adapter": "site-a"}, 400, "image: invalid base64"),
+        ({"label": "3"}, 400, "send either 'id'"),
+    ],
+    ids=["unknown-id", "unknown-label", "unknown-adapter", "no-adapter", "bad-image", "neither"],
+)
+def test_feedback_refuses_bad_input(shared: TestClient, body: dict, status: int, message: str) -> None:
+    body = {k: (_png() if v == "PNG" else v) for k, v in body.items()}
+    r = shared.post("/feedback", json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
