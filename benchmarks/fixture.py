@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,16 +58,26 @@ def adapter_names(n: int) -> list[str]:
 
 
 def build_home(
-    home: Path, base: Path, n: int, targets: str, tick: Callable[[str], None], int8: bool = False
+    home: Path,
+    base: Path,
+    n: int,
+    targets: str,
+    tick: Callable[[str], None],
+    int8: bool = False,
+    seconds: list[float] | None = None,
 ) -> list[str]:
     """`n` adapters with one promoted version each, plus a second version of the first (for the swap phase);
-    `int8`: published with their int8 models, as a service running onnx-int8 publishes them."""
+    `int8`: published with their int8 models, as a service running onnx-int8 publishes them. `seconds`, when
+    given, gets each publish's wall time (drift reference, estimator, ONNX export and check, int8 build)."""
     logging.getLogger("monitoring.reference").setLevel(logging.ERROR)  # random adapters have no reference samples
     registry = open_registry(home)
     names = adapter_names(n)
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
         for i, (name, promote) in enumerate([(nm, True) for nm in names] + [(names[0], False)]):
             src = make_random_adapter(base, Path(tmp) / f"{i}", seed=i + 1, targets=targets)
+            start = time.perf_counter()
             publish(registry, name, src, base, promote=promote, int8=int8)
+            if seconds is not None:
+                seconds.append(time.perf_counter() - start)
             tick(name)
     return names

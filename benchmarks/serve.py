@@ -138,7 +138,7 @@ def measure_service(
     multi_bodies = predict_bodies(images, names, cfg.per_request)
     multi, _, _ = run_phase(url, multi_bodies, cfg.clients, cfg.seconds, cfg.warmup, server_cpu=cpu)
     console.log(_line(multi))
-    out: dict[str, Any] = {"single": asdict(single), "multi": asdict(multi)}
+    out: dict[str, Any] = {"single": asdict(single), "multi": asdict(multi), "active_adapters": len(names)}
     if swap_adapter is not None:
         console.log(f"swap: {swap_adapter} promoted v1 <-> v2 every {cfg.swap_every:g} s under load")
         bodies = predict_bodies(images, [swap_adapter], cfg.per_request)
@@ -211,6 +211,7 @@ def run_bench(cfg: BenchConfig, workdir: Path) -> dict[str, Any]:
     if cfg.url:
         names, swap_adapter = discover(cfg.url)
         measured, baseline = measure_service(cfg.url, cfg, names[: cfg.adapters], swap_adapter), None
+        measured["registered_adapters"] = len(names)
     else:
         measured, baseline = measure_started(cfg, base, workdir, int8)
     if cfg.seconds >= 10:  # a short run (--quick) keeps its first measurement
@@ -234,12 +235,15 @@ def measure_started(cfg: BenchConfig, base: Path, workdir: Path, int8: bool) -> 
     home = workdir / "home"
     with console.status("publishing adapters") as status:
         with environ(shared_env(cfg.database, cfg.artifacts)):  # published where the servers look for them
+            register_s: list[float] = []
             names = build_home(home, base, cfg.adapters, cfg.targets, lambda n: status.update(f"published {n}"),
-                               int8=int8)
+                               int8=int8, seconds=register_s)
     env = service_env(cfg, home, base)
     console.log(f"starting bentoml serve ({cfg.engine}, {cfg.workers} workers x {cfg.threads} threads)")
     with ServeProcess(env, workdir / "serve", settle=cfg.seconds >= 10) as server:
         measured = measure_service(server.url, cfg, names, names[0], server.cpu_seconds)
+        measured["register_s"] = [round(t, 2) for t in register_s]  # n adapters, then a second version
+        measured["registered_adapters"] = len(names)
         measured["precision"] = served_precision(server.url, names[0])
         if cfg.database:
             measured["swap_cross_replica"] = measure_cross_replica(cfg, env, workdir, server.url, names[0], console)
@@ -303,10 +307,17 @@ def _numbers(
     int8_alone = measured.get("int8_engine_img_s")
     fp32_img_s = (measured.get("fp32") or {}).get("throughput_img_s")
     precision = measured.get("precision") or {}
+    # the engine alone runs one 1-thread session per core, each busy all the time: its CPU per image is
+    # cores / its img/s; what the server spends beyond that goes to HTTP, decode, capture, metrics, hops
+    engine_cpu_ms = 1000 * (os.cpu_count() or 1) / (int8_alone or engine)
+    server_cpu_ms = single.get("server_cpu_ms_per_img")
+    nonengine_cpu_ms = server_cpu_ms - engine_cpu_ms if server_cpu_ms is not None else None
+    register_s = sorted(measured.get("register_s") or [])
     return {
         "throughput_img_s": round(img_s, 2),
         "p50_ms": single["p50_ms"],
         "p99_ms": single["p99_ms"],
+        "p99_vs_p50": _ratio(single["p99_ms"], single["p50_ms"]),
         "errors": single["errors"] + multi["errors"],
         "baseline_img_s": _round(baseline_img_s),
         "roofline_img_s": round(roofline, 2),
@@ -333,6 +344,17 @@ def _numbers(
         "throughput_vs_engine": _ratio(img_s, int8_alone or engine),  # the bare engine the service runs
         "peak_gflops": round(peak, 1),
         "model_gflops": round(flops, 3),
+        "engine_cpu_ms": round(engine_cpu_ms, 2),
+        "nonengine_cpu_ms": _round(nonengine_cpu_ms),
+        "nonengine_vs_engine_cpu": _ratio(nonengine_cpu_ms, engine_cpu_ms),
+        "client_cpu_ms": _round(single.get("client_cpu_ms_per_img")),
+        "active_adapters": measured.get("active_adapters"),
+        "registered_adapters": measured.get("registered_adapters"),
+        "register_s": register_s[len(register_s) // 2] if register_s else None,  # median publish, this run
+        "register_max_s": register_s[-1] if register_s else None,
+        # not measured yet (issue 14): every loaded version is a whole merged model; cold loads are not timed
+        "cold_load_p99_ms": None,
+        "loaded_version_mb": None,
     }
 
 

@@ -117,6 +117,13 @@ def test_summary_ratios_and_target_checks() -> None:
     assert "- [x] throughput >= 40% of the fp32 roofline: 0.6" in md
     assert "- [x] multi-adapter throughput >= 0.7x single-adapter: 0.8" in md
     assert "the throughput ratio cannot exceed 2.0x" in md  # 120 / 60 CPU ms per image
+    # the engine alone: 48 img/s over the cores, so cores x 1000 / 48 ms of CPU per image; the rest is the server's
+    engine_ms = 1000 * (os.cpu_count() or 1) / 48.0
+    assert r["engine_cpu_ms"] == round(engine_ms, 2) and r["nonengine_cpu_ms"] == round(60.0 - engine_ms, 2)
+    assert r["client_cpu_ms"] == 1.0 and r["p99_vs_p50"] == 2.0
+    assert r["register_s"] is None and r["cold_load_p99_ms"] is None  # not measured: None, never a made-up 0
+    ceiling = "server CPU outside the engine <= 25% of the engine's, per image (issue 14)"
+    assert f"- [{'x' if 60.0 - engine_ms <= 0.25 * engine_ms else ' '}] {ceiling}" in md
 
 
 def test_a_rerun_keeps_the_hand_written_notes(tmp_path: Path) -> None:
@@ -142,6 +149,13 @@ KEYS = {
     "swap_p99_ms",
     "throughput_vs_baseline",
     "throughput_vs_roofline",
+    "active_adapters",
+    "registered_adapters",
+    "nonengine_cpu_ms",
+    "client_cpu_ms",
+    "cold_load_p99_ms",
+    "loaded_version_mb",
+    "register_s",
 }
 
 
@@ -160,6 +174,9 @@ def test_quick_bench_prints_one_json_line_with_every_metric(tmp_path: Path) -> N
     assert (result["engine"], result["served_precision"]) == ("onnx-int8", "int8")
     assert 0 <= result["int8_agreement"] <= 1 and result["fp32_throughput_img_s"] > 0
     assert result["int8_engine_alone_img_s"] > 0 and result["engine_alone_img_s"] > 0
+    assert (result["registered_adapters"], result["active_adapters"]) == (2, 2)  # --quick: 2 adapters
+    assert 0 < result["register_s"] <= result["register_max_s"] and result["client_cpu_ms"] > 0
+    assert result["nonengine_cpu_ms"] is not None and result["engine_cpu_ms"] > 0
     saved = json.loads((tmp_path / "out" / "serve.json").read_text())
     assert saved["throughput_img_s"] == result["throughput_img_s"]
     assert "| throughput / baseline |" in (tmp_path / "out" / "serve.md").read_text()
