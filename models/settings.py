@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_latency_ms: int = _knob(10000, "longest a request may queue before 503 (with `Retry-After`)", "serving",
                                 ge=1)
     max_loaded: int = _knob(32, "adapter versions kept loaded per worker (LRU)", "serving", ge=1)
+    preload: bool = _knob(True, "load and warm a version newer than its adapter's champion in every worker as soon "
+                          "as it is registered, so that promoting it only switches (1/0); while loaded versions "
+                          "stay under ADAPTSERVE_MAX_LOADED", "serving")
     poll_s: float = _knob(0.25, "registry poll interval, s: a promote reaches every worker within it even when its "
                           "notification is lost", "serving", gt=0)
     notify: bool = _knob(True, "wake every worker as soon as the registry changes (1/0): PostgreSQL LISTEN/NOTIFY, "
@@ -118,8 +121,8 @@ class Settings(BaseSettings):
     report_every: int = _knob(10, "Evidently report every Nth check of an adapter (0 = never)", "drift", ge=0)
     report_keep: int = _knob(20, "Evidently HTML reports kept per adapter (~4 MB each)", "drift", ge=1)
     accuracy_calibration_images: int = _knob(
-        100, "holdout images per generic corruption (35 sets) the estimated accuracy is fitted on when a version is "
-        "registered; ~2 s at 32 px, ~25x that at 224 px (0 = no estimate)", "drift", ge=0)
+        25, "holdout images per generic corruption (35 sets) the estimated accuracy is fitted on when a version is "
+        "registered; ~1 s at 32 px, ~15 s at 224 px on 2 cores (0 = no estimate)", "drift", ge=0)
 
     # ---- retraining
     retrain_min_labels: int = _knob(50, "new labels since the last retrain a drift-started job needs", "retrain",
