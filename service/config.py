@@ -23,6 +23,7 @@ class ServiceConfig:
     max_batch: int = settings.default("max_batch")
     max_latency_ms: int = settings.default("max_latency_ms")
     max_loaded: int = settings.default("max_loaded")
+    preload: bool = settings.default("preload")
     poll_s: float = settings.default("poll_s")
     notify: bool = settings.default("notify")
     threads: int = settings.default("threads")
@@ -50,6 +51,7 @@ class ServiceConfig:
             max_batch=s.max_batch,
             max_latency_ms=s.max_latency_ms,
             max_loaded=s.max_loaded,
+            preload=s.preload,
             poll_s=s.poll_s,
             notify=s.notify,
             threads=s.threads,

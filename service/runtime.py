@@ -24,7 +24,13 @@ from models.classifier import Classifier
 from models.derived import DerivedFiles
 from models.export import softmax
 from models.metadata import BASE, BASE_NAME, ModelMeta
-from models.registry import AdapterNotFoundError, CorruptAdapterError, RegistryError, open_registry
+from models.registry import (
+    AdapterInfo,
+    AdapterNotFoundError,
+    CorruptAdapterError,
+    RegistryError,
+    open_registry,
+)
 from service import metrics
 from service.background import OffPath
 from service.config import ServiceConfig
@@ -97,6 +103,7 @@ class Runtime:
         self.champions: dict[str, int] = {}
         self.generation = -1
         self.degraded: dict[str, Degraded] = {}  # adapters whose champion does not load here, and what serves
+        self._preload_failed: set[Key] = set()  # challengers that did not load (not tried again by _preload)
         self._dispatch = None
         self._dispatch_loop: asyncio.AbstractEventLoop | None = None
         self.monitor = self._make_monitor() if cfg.monitor else None
@@ -148,7 +155,8 @@ class Runtime:
         retry = [n for n, d in self.degraded.items() if now - d.retried_at >= RETRY_S]
         if gen == self.generation and not retry:
             return []
-        wanted = {i.name: i.champion for i in self.registry.list_adapters() if i.champion is not None}
+        infos = self.registry.list_adapters()
+        wanted = {i.name: i.champion for i in infos if i.champion is not None}
         champions, swaps = dict(self.champions), []
         for name in [n for n in champions if n not in wanted]:
             swaps.append(Swap(name, champions.pop(name), None, 0.0))
@@ -173,7 +181,31 @@ class Runtime:
             metrics.record_swap(s.adapter, s.new, s.seconds)
         for name in wanted:
             metrics.DEGRADED.labels(adapter=name).set(1 if name in self.degraded else 0)
+        if self.cfg.preload:
+            self._preload(infos)  # after the switch: a challenger's load never delays a champion's
         return swaps
+
+    def _preload(self, infos: Sequence[AdapterInfo]) -> None:
+        """Load and warm each adapter's challenger (its newest version, newer than the champion: what a retrain job
+        or a registration just published) as soon as it is registered, so that its promote only switches the map,
+        in every worker. Only into free room (no champion is evicted for one); a challenger that fails is not
+        retried here (its promote's preflight says why)."""
+        for info in infos:
+            newest = max((v.version for v in info.versions), default=None)
+            if info.champion is None or newest is None or newest <= info.champion:
+                continue
+            key = (info.name, newest)
+            if key in self._preload_failed or key in self.engine.loaded():
+                continue
+            if len(self.engine.loaded()) - 1 >= self.cfg.max_loaded:  # the base is not counted
+                return
+            try:
+                self._load(info.name, newest)
+                log.info("adapter %s: challenger v%s loaded and warmed ahead of its promote", info.name, newest)
+            except Exception as err:
+                self._preload_failed.add(key)
+                log.warning("adapter %s: challenger v%s does not load (%s): its promote will be refused", info.name,
+                            newest, err)
 
     def _load_or_fall_back(self, name: str, version: int, current: int | None) -> int | None:
         """Load `version`; on failure keep `current`, else try earlier champions newest first. What serves."""
@@ -211,7 +243,11 @@ class Runtime:
 
     def _load(self, name: str, version: int) -> None:
         av = self.registry.verify(name, version)
+        fresh = (name, version) not in self.engine.loaded()
         self.engine.load((name, version), av.path)
+        if fresh:  # warmed: ONNX Runtime's first run allocates its arena; no request should pay for that
+            size = self.base_meta.preprocessing.crop_size
+            self.engine.run(np.zeros((1, 3, size, size), np.float32), [(name, version)])
         metrics.ADAPTER_LOADS.labels(adapter=name).inc()
         metrics.record_precision((name, version), self.served(name, version))
 

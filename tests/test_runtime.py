@@ -44,6 +44,42 @@ def test_promote_from_another_process_is_picked_up_and_in_flight_keys_still_run(
     assert runtime.refresh() == []  # nothing moved since: no work
 
 
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
+def test_a_challenger_is_loaded_and_warmed_before_its_promote_so_the_swap_only_switches(
+    service_home: Path, source_model: Path, preload: bool
+) -> None:
+    """site-a v2 is newer than its champion v1: with preload, every worker has it loaded and warmed (one run done)
+    before anyone promotes it; the promote's refresh then builds nothing. Without, the swap builds it."""
+    rt = Runtime(ServiceConfig(home=service_home, base_model=source_model, preload=preload))
+    assert (("site-a", 2) in rt.engine.loaded()) is preload
+    assert ("site-b", 1) in rt.engine.loaded() and ("site-a", 1) in rt.engine.loaded()
+    built: list = []
+    build = rt.engine._build
+    rt.engine._build = lambda key, path: built.append(key) or build(key, path)
+    open_registry(service_home).promote("site-a", 2)
+    assert [(s.adapter, s.old, s.new) for s in rt.refresh()] == [("site-a", 1, 2)]
+    assert built == ([] if preload else [("site-a", 2)])
+    assert asyncio.run(rt.predict(_images(1), "site-a"))["version"] == 2
+
+
+def test_a_challenger_that_does_not_load_is_not_retried_and_its_promote_is_refused(
+    service_home: Path, source_model: Path
+) -> None:
+    registry = open_registry(service_home)
+    _corrupt(registry.path("site-a", 2) / "adapter_model.safetensors")
+    rt = Runtime(ServiceConfig(home=service_home, base_model=source_model))
+    assert ("site-a", 2) not in rt.engine.loaded() and ("site-a", 2) in rt._preload_failed
+    with pytest.raises(Exception, match="adapter_model.safetensors"):
+        rt.preflight("site-a", 2)
+    assert rt.resolve("site-a") == ("site-a", 1)
+
+
+def test_a_full_worker_preloads_nothing(service_home: Path, source_model: Path) -> None:
+    """max_loaded 2: the two champions fill it; no champion is evicted for a challenger."""
+    rt = Runtime(ServiceConfig(home=service_home, base_model=source_model, max_loaded=2))
+    assert sorted(k for k in rt.engine.loaded() if k[0] != "base") == [("site-a", 1), ("site-b", 1)]
+
+
 def test_a_corrupt_new_version_is_refused_and_the_champion_keeps_serving(runtime: Runtime, service_home: Path) -> None:
     registry = open_registry(service_home)
     weights = registry.path("site-a", 2) / "adapter_model.safetensors"
