@@ -284,6 +284,15 @@ def as_rgb(image: Image.Image) -> Image.Image:
 # --- request shapes ---------------------------------------------------------------------------------------------
 
 
+def _check_count(n: int, limits: DecodeLimits, field: str) -> None:
+    """At most `limits.max_images` images per request, whichever way they came (a JSON list, multipart parts)."""
+    if n > limits.max_images:
+        raise InputError(
+            f"{field}: {n} images exceed the limit of {limits.max_images} per request "
+            f"({settings.env_name('max_images')})"
+        )
+
+
 def decode_images(items: object, limits: DecodeLimits | None = None, *, field: str = "images") -> list[Image.Image]:
     """A JSON list of base64 strings to RGB images. Errors name the element (``images[2]: ...``).
 
@@ -301,11 +310,7 @@ def decode_images_and_bytes(
         raise InputError(f"{field}: expected a list of base64 strings, got {_type_name(items)}")
     if not items:
         raise InputError(f"{field}: empty list; send at least one image")
-    if len(items) > limits.max_images:
-        raise InputError(
-            f"{field}: {len(items)} images exceed the limit of {limits.max_images} per request "
-            f"({settings.env_name('max_images')})"
-        )
+    _check_count(len(items), limits, field)
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise InputError(f"expected a base64 string, got {_type_name(item)}", index=i, field=field)
@@ -337,11 +342,7 @@ def decode_uploads(
     limits = limits or DecodeLimits()
     if not items:
         raise InputError(f"{field}: no file parts; send at least one image")
-    if len(items) > limits.max_images:
-        raise InputError(
-            f"{field}: {len(items)} images exceed the limit of {limits.max_images} per request "
-            f"({settings.env_name('max_images')})"
-        )
+    _check_count(len(items), limits, field)
     images = []
     for i, data in enumerate(items):
         try:
